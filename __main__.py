@@ -1,0 +1,3 @@
+from edgelm.cli import main
+
+raise SystemExit(main())
