@@ -1,0 +1,339 @@
+"""Text generation with an exported ONNX decoder, its KV cache and its tokenizer (no torch)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edgelm.runtime.chat_template import load_chat_template, render_chat_template
+from edgelm.runtime.detokenize import TextStream
+from edgelm.runtime.manifest import ExportManifest, read_manifest
+from edgelm.runtime.sampling import SamplingSettings, next_tokens
+from edgelm.runtime.session import open_session
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[dict]
+
+
+@dataclass
+class KVCache:
+    """Decoding state between steps: past keys and values, attention mask and next position ids."""
+
+    past: dict[str, np.ndarray]  # ONNX input name -> [batch, kv_heads, past_seq, head_dim]
+    attention_mask: np.ndarray  # int64 [batch, past_seq]; zeros mark left padding
+    next_positions: np.ndarray  # int64 [batch]; position id of the next token per row
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+class Generator:
+    """Greedy or sampled generation from an edgelm ONNX export folder.
+
+    Build it with `Generator.from_pretrained(export_dir)`. Text methods (`generate`, `stream`,
+    `generate_batch`) take a prompt string (one user message) or a list of chat messages and
+    apply the model's chat template. Token methods (`generate_ids`, `score`, `prefill`,
+    `decode_step`) work on token ids and are what the benchmark and evaluation call.
+    """
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        tokenizer: Tokenizer,
+        manifest: ExportManifest,
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+    ):
+        self.session = session
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.chat_template = chat_template
+        self.special_tokens = dict(special_tokens or {})
+        self.eos_token_ids = frozenset(manifest.eos_token_ids)
+        self.pad_token_id = manifest.pad_token_id if manifest.pad_token_id is not None else manifest.eos_token_ids[0]
+
+        self._input_names = {i.name for i in session.get_inputs()}
+        self._output_names = [o.name for o in session.get_outputs()]
+        self._past_names = [
+            f"past_key_values.{layer}.{kind}" for layer in range(manifest.num_layers) for kind in ("key", "value")
+        ]
+        self._present_names = [name.replace("past_key_values.", "present.", 1) for name in self._past_names]
+        self._check_graph_signature()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        export_dir: str | Path,
+        providers: Sequence[str] | str | None = None,
+        intra_op_threads: int | None = None,
+    ) -> Generator:
+        """Load an export folder: manifest, ONNX session (CPU provider by default), tokenizer, chat template.
+
+        `providers` takes onnxruntime names or short aliases ("cpu", "cuda", "cann", ...), in
+        priority order. `intra_op_threads` None lets onnxruntime choose the thread count.
+        """
+        export_dir = Path(export_dir)
+        manifest = read_manifest(export_dir)
+        model_path = export_dir / manifest.model_file
+        if not model_path.is_file():
+            raise FileNotFoundError(f"{model_path} not found; edgelm_export.json names model_file={manifest.model_file!r}")
+        tokenizer_path = export_dir / "tokenizer.json"
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"{tokenizer_path} not found; the export folder must contain the tokenizer files")
+
+        session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads)
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        # Padding and truncation stored in tokenizer.json would change the prompt ids; the
+        # generator pads batches itself.
+        tokenizer.no_padding()
+        tokenizer.no_truncation()
+        chat_template, special_tokens = load_chat_template(export_dir)
+        return cls(session, tokenizer, manifest, chat_template, special_tokens)
+
+    def _check_graph_signature(self) -> None:
+        required = {"input_ids", "attention_mask", *self._past_names}
+        missing = sorted(required - self._input_names)
+        if missing:
+            raise ValueError(
+                f"the ONNX graph is missing inputs {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
+                f"manifest says num_layers={self.manifest.num_layers}. Re-export with KV cache inputs."
+            )
+        missing = sorted({"logits", *self._present_names} - set(self._output_names))
+        if missing:
+            raise ValueError(f"the ONNX graph is missing outputs {missing[:4]}; re-export with KV cache outputs")
+
+    # ----- prompts -----------------------------------------------------------------------------
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render chat messages with the model's template, as transformers' apply_chat_template(tokenize=False) does."""
+        if self.chat_template is None:
+            raise ValueError(
+                "this export has no chat template (no chat_template.jinja and no chat_template in "
+                "tokenizer_config.json); pass the prompt as a plain string or export an instruct model"
+            )
+        return render_chat_template(self.chat_template, messages, add_generation_prompt, self.special_tokens)
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids for a prompt: a string is one user message, a list is chat messages.
+
+        Without a chat template a string prompt is tokenized as it is, with the tokenizer's own
+        special tokens (for example BOS) added.
+        """
+        if isinstance(prompt, str) and self.chat_template is None:
+            return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        text = self.apply_chat_template(messages, add_generation_prompt=True)
+        # The template already writes the special tokens, as with transformers' tokenize=True.
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # ----- model steps ----------------------------------------------------------------------------
+
+    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict) -> list:
+        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
+        if "position_ids" in self._input_names:
+            feed["position_ids"] = position_ids
+        return self.session.run(["logits", *self._present_names], feed)
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        shape = (batch, self.manifest.num_kv_heads, 0, self.manifest.head_dim)
+        empty = np.zeros(shape, dtype=self.manifest.kv_numpy_dtype)
+        return {name: empty for name in self._past_names}
+
+    def prefill(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVCache]:
+        """Run the prompts (left-padded to one length) and return (last-position logits [batch, vocab], cache)."""
+        if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
+            raise ValueError("every prompt needs at least one token; got an empty prompt")
+        batch = len(prompt_ids)
+        length = max(len(ids) for ids in prompt_ids)
+
+        input_ids = np.full((batch, length), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((batch, length), dtype=np.int64)
+        for row, ids in enumerate(prompt_ids):
+            input_ids[row, length - len(ids) :] = ids
+            attention_mask[row, length - len(ids) :] = 1
+        position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+
+        logits, *present = self._run(input_ids, attention_mask, position_ids, self._empty_past(batch))
+        cache = KVCache(
+            past=dict(zip(self._past_names, present)),
+            attention_mask=attention_mask,
+            next_positions=attention_mask.sum(axis=1),
+        )
+        return logits[:, -1, :], cache
+
+    def decode_step(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row, update `cache` in place, and return next-token logits [batch, vocab]."""
+        batch = cache.attention_mask.shape[0]
+        input_ids = np.asarray(tokens, dtype=np.int64).reshape(batch, 1)
+        cache.attention_mask = np.concatenate([cache.attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+        position_ids = cache.next_positions.reshape(batch, 1)
+
+        # TODO: present -> past copies the whole cache every step (the graph concatenates);
+        # a preallocated cache bound with IO binding would avoid that.
+        logits, *present = self._run(input_ids, cache.attention_mask, position_ids, cache.past)
+        cache.past = dict(zip(self._past_names, present))
+        cache.next_positions = cache.next_positions + 1
+        return logits[:, -1, :]
+
+    def score(self, input_ids: Sequence[int]) -> np.ndarray:
+        """Return logits [seq, vocab] for one sequence in a single forward pass (for held-out loss)."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise ValueError("score() needs at least one token; got an empty sequence")
+        mask = np.ones_like(ids)
+        positions = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
+        logits = self._run(ids, mask, positions, self._empty_past(1))[0]
+        return logits[0]
+
+    # ----- token generation ---------------------------------------------------------------------
+
+    def _token_steps(
+        self,
+        prompt_ids: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        settings: SamplingSettings,
+        seed: int | None,
+        ignore_eos: bool,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Yield (tokens [batch], active [batch]) once per generated position.
+
+        `active` marks the rows that the tokens belong to. It is the loop's own array: a
+        caller may set `active[row] = False` to end that row (for example on a stop string).
+        A row also ends after it yields an eos token, unless `ignore_eos`.
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        if max_new_tokens == 0:
+            return
+        rng = np.random.default_rng(seed)
+        eos = np.array(sorted(self.eos_token_ids), dtype=np.int64)
+
+        logits, cache = self.prefill(prompt_ids)
+        active = np.ones(len(prompt_ids), dtype=bool)
+        for step in range(max_new_tokens):
+            tokens = next_tokens(logits, settings, rng)
+            tokens[~active] = self.pad_token_id
+            yield tokens, active
+
+            if not ignore_eos:
+                active &= ~np.isin(tokens, eos)
+            if not active.any() or step == max_new_tokens - 1:
+                return
+            logits = self.decode_step(cache, tokens)
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int] | Sequence[Sequence[int]],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        on_token: Callable[[int, int], None] | None = None,
+    ) -> list[list[int]]:
+        """Generate new token ids for one prompt or a batch (left-padded); return one list per prompt.
+
+        Each list ends with the eos token when the model produced one. `on_token(row, token_id)`
+        is called for every new token as it is chosen. `ignore_eos` generates exactly
+        `max_new_tokens` tokens, which the benchmark uses.
+        """
+        batch = _as_batch(prompt_ids)
+        settings = SamplingSettings(temperature, top_k, top_p)
+        outputs: list[list[int]] = [[] for _ in batch]
+        for tokens, active in self._token_steps(batch, max_new_tokens, settings, seed, ignore_eos):
+            for row in np.flatnonzero(active):
+                token = int(tokens[row])
+                outputs[row].append(token)
+                if on_token is not None:
+                    on_token(int(row), token)
+        return outputs
+
+    # ----- text generation ----------------------------------------------------------------------
+
+    def stream(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[str]:
+        """Yield text pieces as tokens are decoded; stop at end of turn (eos) or a stop string.
+
+        The text leaves out eos tokens, other special tokens and the stop string.
+        """
+        settings = SamplingSettings(temperature, top_k, top_p)
+        ids = self.encode_prompt(prompt)
+        text = TextStream(self.tokenizer, stop)
+        for tokens, active in self._token_steps([ids], max_new_tokens, settings, seed, ignore_eos=False):
+            if int(tokens[0]) in self.eos_token_ids:
+                break  # an end-of-turn token need not be marked special, so keep it out of the text
+            piece = text.push(int(tokens[0]))
+            if piece:
+                yield piece
+            if text.stopped:
+                active[0] = False
+        tail = text.finish()
+        if tail:
+            yield tail
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> str:
+        """Return the reply text for one prompt; see `stream` for the arguments."""
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop))
+
+    def generate_batch(
+        self,
+        prompts: Sequence[Prompt],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> list[str]:
+        """Return one reply per prompt, generated together in one left-padded batch."""
+        if isinstance(prompts, str) or not prompts:
+            raise TypeError("generate_batch takes a non-empty list of prompts; use generate() for one prompt")
+        settings = SamplingSettings(temperature, top_k, top_p)
+        batch = [self.encode_prompt(p) for p in prompts]
+        texts = [TextStream(self.tokenizer, stop) for _ in batch]
+        pieces: list[list[str]] = [[] for _ in batch]
+        for tokens, active in self._token_steps(batch, max_new_tokens, settings, seed, ignore_eos=False):
+            for row in np.flatnonzero(active):
+                if int(tokens[row]) in self.eos_token_ids:
+                    continue  # the loop ends this row after the eos token
+                pieces[row].append(texts[row].push(int(tokens[row])))
+                if texts[row].stopped:
+                    active[row] = False
+        return ["".join(p) + t.finish() for p, t in zip(pieces, texts)]
+
+
+def _as_batch(prompt_ids: Sequence[int] | Sequence[Sequence[int]]) -> list[list[int]]:
+    if len(prompt_ids) == 0:
+        raise ValueError("prompt_ids is empty; pass token ids for at least one prompt")
+    if isinstance(prompt_ids[0], (int, np.integer)):
+        return [[int(i) for i in prompt_ids]]
+    return [[int(i) for i in ids] for ids in prompt_ids]

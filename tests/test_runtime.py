@@ -1,0 +1,358 @@
+"""Tests for edgelm.runtime against transformers on a tiny random Llama exported to ONNX."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgelm.runtime import Generator, IncrementalDecoder, SamplingSettings, StopStringFilter, read_manifest, resolve_providers
+from edgelm.runtime.sampling import next_tokens
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+PROMPTS = [
+    "What is 2+2?",
+    "Write a haiku about the sea.",
+    "Tom has 3 apples and buys 5 more. How many apples does he have?",
+]
+
+CHATS = [
+    [{"role": "user", "content": "Hello!"}],
+    [{"role": "system", "content": "You solve math problems."}, {"role": "user", "content": "What is 7*6?"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "Say 'héllo 日本' back."},
+    ],
+]
+
+
+@pytest.fixture(scope="session")
+def runtime_model_dir(tiny_model_factory) -> Path:
+    # initializer_range 0.3 makes the random model pick varied tokens; with the default 0.02
+    # greedy decoding repeats one token, and the comparisons below would prove little.
+    return tiny_model_factory("llama", initializer_range=0.3)
+
+
+@pytest.fixture(scope="session")
+def export_dir(runtime_model_dir, tmp_path_factory) -> Path:
+    export_onnx = pytest.importorskip("edgelm.export.onnx_export").export_onnx
+    out = tmp_path_factory.mktemp("runtime-export") / "onnx"
+    export_onnx(runtime_model_dir, out, check=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def generator(export_dir) -> Generator:
+    return Generator.from_pretrained(export_dir, intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def hf_model(runtime_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(runtime_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(runtime_model_dir)
+    return model, tokenizer
+
+
+def run_python(code: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT.parent), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, *(["-c", code] if code else []), *args],
+        input=stdin, capture_output=True, text=True, timeout=120, env=env,
+    )
+
+
+# ----- imports -------------------------------------------------------------------------------
+
+
+def test_runtime_imports_without_torch(export_dir):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.modules["torch"] = None
+        sys.modules["transformers"] = None
+        from edgelm.runtime import Generator
+        gen = Generator.from_pretrained({str(export_dir)!r}, intra_op_threads=1)
+        ids = gen.generate_ids(gen.encode_prompt("hi"), max_new_tokens=3)
+        assert len(ids[0]) >= 1, ids
+        loaded = [name for name in sys.modules if name.startswith(("torch.", "transformers."))]
+        assert not loaded, loaded
+        print("ok")
+    """)
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+# ----- prompts and chat template -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("messages", CHATS, ids=["user", "system", "multi-turn"])
+def test_chat_template_matches_transformers(generator, hf_model, messages):
+    _, tokenizer = hf_model
+    expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert generator.apply_chat_template(messages) == expected
+
+
+@pytest.mark.parametrize("messages", CHATS, ids=["user", "system", "multi-turn"])
+def test_prompt_ids_match_transformers(generator, hf_model, messages):
+    _, tokenizer = hf_model
+    expected = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert generator.encode_prompt(messages) == list(expected)
+
+
+def test_string_prompt_is_user_message(generator):
+    assert generator.encode_prompt("Hello!") == generator.encode_prompt([{"role": "user", "content": "Hello!"}])
+
+
+def test_chat_template_raise_exception(generator):
+    from edgelm.runtime import ChatTemplateError
+    from edgelm.runtime.chat_template import render_chat_template
+
+    template = "{% if messages[0]['role'] != 'user' %}{{ raise_exception('first message must be from the user') }}{% endif %}ok"
+    assert render_chat_template(template, [{"role": "user", "content": "x"}]) == "ok"
+    with pytest.raises(ChatTemplateError, match="first message must be from the user"):
+        render_chat_template(template, [{"role": "assistant", "content": "x"}])
+
+
+# ----- greedy decoding against transformers ------------------------------------------------
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_matches_transformers(generator, hf_model, prompt):
+    import torch
+
+    model, _ = hf_model
+    ids = generator.encode_prompt(prompt)
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=20, do_sample=False,
+        )
+    expected = out[0, len(ids):].tolist()
+    assert generator.generate_ids(ids, max_new_tokens=20) == [expected]
+
+
+def test_score_matches_transformers(generator, hf_model):
+    import torch
+
+    model, _ = hf_model
+    ids = generator.encode_prompt(PROMPTS[2])
+    with torch.no_grad():
+        expected = model(torch.tensor([ids])).logits[0].numpy()
+    logits = generator.score(ids)
+    assert logits.shape == (len(ids), generator.manifest.vocab_size)
+    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_batch_matches_one_by_one(generator):
+    batch = [generator.encode_prompt(p) for p in PROMPTS]
+    assert len({len(ids) for ids in batch}) > 1, "prompts must differ in length to test left padding"
+    singles = [generator.generate_ids(ids, max_new_tokens=12)[0] for ids in batch]
+    assert generator.generate_ids(batch, max_new_tokens=12) == singles
+
+
+def test_generate_batch_text_matches_generate(generator):
+    expected = [generator.generate(p, max_new_tokens=12) for p in PROMPTS]
+    assert generator.generate_batch(PROMPTS, max_new_tokens=12) == expected
+
+
+def test_ignore_eos_generates_exact_count(generator):
+    ids = generator.encode_prompt(PROMPTS[0])
+    first = generator.generate_ids(ids, max_new_tokens=6)[0]
+    # Treat the third greedy token as end of turn: without ignore_eos generation would stop there.
+    eos_generator = with_eos(generator, first[2])
+    assert len(eos_generator.generate_ids(ids, max_new_tokens=6, ignore_eos=True)[0]) == 6
+
+
+def test_on_token_sees_every_token(generator):
+    ids = generator.encode_prompt(PROMPTS[0])
+    seen = []
+    out = generator.generate_ids(ids, max_new_tokens=5, on_token=lambda row, token: seen.append((row, token)))
+    assert seen == [(0, token) for token in out[0]]
+
+
+# ----- stopping ------------------------------------------------------------------------------
+
+
+def with_eos(generator: Generator, token_id: int) -> Generator:
+    manifest = dataclasses.replace(generator.manifest, eos_token_ids=(token_id,))
+    return Generator(generator.session, generator.tokenizer, manifest, generator.chat_template, generator.special_tokens)
+
+
+def test_stops_at_eos(generator):
+    ids = generator.encode_prompt(PROMPTS[1])
+    free = generator.generate_ids(ids, max_new_tokens=20)[0]
+    eos = free[5]
+    stop_at = free.index(eos)
+    out = with_eos(generator, eos).generate_ids(ids, max_new_tokens=20)[0]
+    assert out == free[: stop_at + 1]
+
+
+def test_eos_not_in_text(generator):
+    ids = generator.encode_prompt(PROMPTS[1])
+    free = generator.generate_ids(ids, max_new_tokens=20)[0]
+    eos_generator = with_eos(generator, free[5])
+    stop_at = free.index(free[5])
+    assert eos_generator.generate(PROMPTS[1], max_new_tokens=20) == generator.decode(free[:stop_at])
+
+
+def test_batch_rows_stop_independently(generator):
+    batch = [generator.encode_prompt(p) for p in PROMPTS[:2]]
+    free = generator.generate_ids(batch, max_new_tokens=10)
+    eos = free[0][3]
+    eos_generator = with_eos(generator, eos)
+    out = eos_generator.generate_ids(batch, max_new_tokens=10)
+    for row in range(2):
+        expected = free[row][: free[row].index(eos) + 1] if eos in free[row] else free[row]
+        assert out[row] == expected
+
+
+def test_stop_string_cuts_text(generator):
+    full = generator.generate(PROMPTS[2], max_new_tokens=20)
+    assert len(full) > 12, f"need a longer reply to pick a stop string from: {full!r}"
+    stop = full[8:12]
+    expected = full[: full.index(stop)]
+    assert generator.generate(PROMPTS[2], max_new_tokens=20, stop=[stop]) == expected
+    assert generator.generate_batch([PROMPTS[2]], max_new_tokens=20, stop=[stop]) == [expected]
+
+
+def test_stop_filter_across_pieces():
+    stop_filter = StopStringFilter(["</answer>"])
+    emitted = [stop_filter.push(piece) for piece in ["The answer is 4<", "/ans", "wer> and more"]]
+    assert "".join(emitted) == "The answer is 4"
+    assert stop_filter.stopped
+    assert emitted[0] == "The answer is 4", "the possible start of a stop string must be held back"
+    assert stop_filter.flush() == ""
+
+
+def test_stop_filter_releases_false_start():
+    stop_filter = StopStringFilter(["</answer>"])
+    text = stop_filter.push("a </an") + stop_filter.push("d b")
+    assert text + stop_filter.flush() == "a </and b"
+    assert not stop_filter.stopped
+
+
+# ----- streaming -----------------------------------------------------------------------------
+
+
+def test_stream_pieces_join_to_text(generator):
+    pieces = list(generator.stream(PROMPTS[1], max_new_tokens=20))
+    assert len(pieces) > 1
+    ids = generator.generate_ids(generator.encode_prompt(PROMPTS[1]), max_new_tokens=20)[0]
+    assert "".join(pieces) == generator.decode(ids)
+    assert "".join(pieces) == generator.generate(PROMPTS[1], max_new_tokens=20)
+
+
+def test_incremental_decoder_multibyte(generator):
+    text = "héllo 日本語 🙂 naïve — done"
+    ids = generator.tokenizer.encode(text, add_special_tokens=False).ids
+    decoder = IncrementalDecoder(generator.tokenizer)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == text
+    assert not any("\ufffd" in piece for piece in pieces)
+    assert len(ids) > len(text.split()), "the text should split characters over several tokens"
+
+
+# ----- sampling ------------------------------------------------------------------------------
+
+
+def test_sampling_seed_reproducible(generator):
+    ids = generator.encode_prompt(PROMPTS[0])
+    first = generator.generate_ids(ids, max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.95, seed=123)
+    second = generator.generate_ids(ids, max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.95, seed=123)
+    other = generator.generate_ids(ids, max_new_tokens=15, temperature=1.0, top_k=50, top_p=0.95, seed=124)
+    assert first == second
+    assert first != other
+
+
+def test_top_k_one_is_greedy(generator):
+    ids = generator.encode_prompt(PROMPTS[0])
+    greedy = generator.generate_ids(ids, max_new_tokens=10)
+    assert generator.generate_ids(ids, max_new_tokens=10, temperature=0.7, top_k=1, seed=0) == greedy
+
+
+def test_top_k_and_top_p_filters():
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    rng = np.random.default_rng(0)
+    top_k = {int(next_tokens(logits, SamplingSettings(1.0, top_k=2), rng)[0]) for _ in range(200)}
+    assert top_k == {0, 1}
+    top_p = {int(next_tokens(logits, SamplingSettings(1.0, top_p=0.7), rng)[0]) for _ in range(200)}
+    assert top_p == {0, 1}
+    top_p_small = {int(next_tokens(logits, SamplingSettings(1.0, top_p=0.1), rng)[0]) for _ in range(50)}
+    assert top_p_small == {0}
+
+
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
+def test_invalid_sampling_settings(generator, kwargs):
+    with pytest.raises(ValueError):
+        generator.generate("hi", max_new_tokens=2, **kwargs)
+
+
+def test_invalid_max_new_tokens(generator):
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generator.generate_ids([1, 2, 3], max_new_tokens=-1)
+
+
+def test_zero_new_tokens(generator):
+    assert generator.generate_ids([[1, 2], [3]], max_new_tokens=0) == [[], []]
+
+
+def test_empty_prompt_rejected(generator):
+    with pytest.raises(ValueError, match="at least one token"):
+        generator.generate_ids([[1, 2], []], max_new_tokens=2)
+
+
+# ----- loading -------------------------------------------------------------------------------
+
+
+def test_manifest_fields(export_dir, runtime_model_dir):
+    import json
+
+    config = json.loads((runtime_model_dir / "config.json").read_text())
+    manifest = read_manifest(export_dir)
+    assert manifest.num_layers == config["num_hidden_layers"]
+    assert manifest.num_kv_heads == config["num_key_value_heads"]
+    assert manifest.vocab_size == config["vocab_size"]
+
+
+def test_manifest_wrong_format(tmp_path):
+    (tmp_path / "edgelm_export.json").write_text('{"format": "other", "format_version": 1}')
+    with pytest.raises(ValueError, match="format is 'other'"):
+        read_manifest(tmp_path)
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="export_onnx"):
+        Generator.from_pretrained(tmp_path)
+
+
+def test_provider_aliases():
+    assert resolve_providers(None) == ["CPUExecutionProvider"]
+    assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
+    assert resolve_providers("CPUExecutionProvider") == ["CPUExecutionProvider"]
+
+
+def test_missing_provider_lists_available():
+    with pytest.raises(ValueError, match="available providers: .*CPUExecutionProvider"):
+        resolve_providers(["no-such-provider"])
+
+
+# ----- example app ---------------------------------------------------------------------------
+
+
+def test_chat_example_runs(export_dir):
+    script = REPO_ROOT / "examples" / "chat.py"
+    result = run_python("", str(script), str(export_dir), "--max-new-tokens", "8", "--threads", "1",
+                        stdin="What is 2+2?\n")
+    assert result.returncode == 0, result.stderr
+    assert "assistant> " in result.stdout
+    assert len(result.stdout.split("assistant> ", 1)[1].strip()) > 0
