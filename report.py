@@ -1,0 +1,108 @@
+"""Collect a run's stage metrics into results.json and render report.md."""
+
+from __future__ import annotations
+
+import platform
+from typing import TYPE_CHECKING
+
+import psutil
+
+if TYPE_CHECKING:
+    from edgelm.pipeline import Run
+
+
+def build_results(run: Run, stage_names: list[str]) -> dict:
+    """Gather every completed stage's metrics, the config and a machine card."""
+    stages = {name: run.metrics(name) for name in stage_names if run.is_done(name)}
+    return {
+        "run_dir": str(run.dir),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": psutil.cpu_count(logical=True),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "python": platform.python_version(),
+        },
+        "config": run.config.to_dict(),
+        "stage_seconds": {name: round(metrics.get("seconds", 0.0), 1) for name, metrics in stages.items()},
+        "stages": stages,
+    }
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _eval_table(evaluations: dict) -> list[str]:
+    loss_modes = sorted({mode for result in evaluations.values() if isinstance(result, dict) for mode in result.get("loss", {})})
+    accuracy_modes = sorted({mode for result in evaluations.values() if isinstance(result, dict) for mode in result.get("accuracy", {})})
+    header = ["model"] + [f"loss ({m})" for m in loss_modes] + [f"accuracy ({m})" for m in accuracy_modes]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, result in evaluations.items():
+        if not isinstance(result, dict) or "loss" not in result:
+            continue
+        cells = [name] + [_fmt(result["loss"].get(m)) for m in loss_modes]
+        cells += [_fmt(100 * result["accuracy"][m], ".1f") + "%" if m in result["accuracy"] else "–" for m in accuracy_modes]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_report(results: dict) -> str:
+    stages = results["stages"]
+    machine = results["machine"]
+    lines = [
+        f"# edgelm run report: {results['run_dir']}",
+        "",
+        f"Machine: {machine['processor']}, {machine['cpu_count']} logical CPUs, {machine['memory_gb']} GiB, "
+        f"Python {machine['python']}, {machine['platform']}.",
+        "",
+        "## Stage times",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+    ]
+    lines += [f"| {name} | {seconds} |" for name, seconds in results["stage_seconds"].items()]
+    lines += ["", f"Total: {sum(results['stage_seconds'].values()):.0f} s", ""]
+
+    lines += ["## Training", "", "| stage | examples | steps | final loss | tokens/s |", "|---|---|---|---|---|"]
+    for name, metrics in stages.items():
+        if name.startswith("sft-") or name == "distill":
+            lines.append(
+                f"| {name} | {metrics.get('examples', metrics.get('rows', '–'))} | {metrics.get('steps', '–')} | "
+                f"{_fmt(metrics.get('final_loss'))} | {_fmt(metrics.get('tokens_per_second'), '.0f')} |"
+            )
+    if "rollout" in stages:
+        rollout = stages["rollout"]
+        lines += ["", f"Rollout: {rollout.get('rows')} sequences, "
+                  f"{_fmt(100 * rollout['finished_fraction'], '.0f') if 'finished_fraction' in rollout else '–'}% ended with end of turn, "
+                  f"{_fmt(rollout.get('tokens_per_second'), '.0f')} new tokens/s."]
+    if "score" in stages:
+        score = stages["score"]
+        lines += [f"Teacher scoring: {score.get('tokens', '–')} tokens at {_fmt(score.get('tokens_per_second'), '.0f')} tokens/s, "
+                  f"{_fmt(score.get('bytes_per_token'), '.0f')} bytes per stored token."]
+
+    if "eval" in stages:
+        lines += ["", "## Held-out loss and exact-match accuracy", "",
+                  f"GSM8K test, first {results['config']['eval']['records']} questions; loss is mean cross-entropy per "
+                  "answer token (end of turn included); accuracy is greedy answer vs reference, exact number match.", ""]
+        lines += _eval_table({k: v for k, v in stages["eval"].items() if k != "seconds"})
+
+    if "export" in stages or "quantize" in stages:
+        lines += ["", "## Export", ""]
+        variants = {"fp32": stages.get("export", {}), **{k: v for k, v in stages.get("quantize", {}).items() if isinstance(v, dict)}}
+        lines += ["| variant | size (MB) | max logits diff | greedy match |", "|---|---|---|---|"]
+        for name, info in variants.items():
+            parity = info.get("parity", {}) if isinstance(info, dict) else {}
+            size = info.get("file_size_bytes")
+            lines.append(f"| {name} | {_fmt(size / 1e6 if size else None, '.1f')} | {_fmt(parity.get('max_logits_diff'), '.2e')} | "
+                         f"{parity.get('greedy_match', '–')} |")
+    if "ascend" in stages:
+        ascend = stages["ascend"]
+        lines += ["", f"Ascend static variant: {'OM built' if ascend.get('om_built') else 'ONNX graphs and atc.sh written; ATC not run (not installed here)'}"
+                  f"; static greedy matches dynamic: {ascend.get('static_greedy_match', '–')}."]
+
+    if "bench" in stages:
+        from edgelm.edge_bench import format_table
+
+        lines += ["", "## Latency and memory", "", format_table(stages["bench"])]
+    return "\n".join(lines) + "\n"
