@@ -1,0 +1,44 @@
+from pathlib import Path
+
+import pytest
+
+from edgelm.config import ConfigError, PipelineConfig, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_default_yaml_matches_dataclass_defaults():
+    assert load_config(CONFIGS / "default.yaml") == PipelineConfig()
+
+
+@pytest.mark.parametrize("text, key", [
+    ("sft:\n  batchsize: 3\n", "sft.batchsize: unknown key"),
+    ("sft:\n  stages:\n    - name: a\n      mode: slow\n", "sft.stages[0].mode"),
+    ("distill:\n  alpha: 1.5\n", "distill.alpha"),
+    ("rollout:\n  records: many\n", "rollout.records: expected int"),
+    ("export:\n  quantize: [int3]\n", "export.quantize"),
+    ("ascend:\n  max_prompt_len: 256\n  kv_capacity: 128\n", "ascend.kv_capacity"),
+    ("sft:\n  stages:\n    - name: a\n    - name: a\n", "sft.stages: stage names must be unique"),
+])
+def test_invalid_values_name_the_key(tmp_path, text, key):
+    with pytest.raises(ConfigError) as error:
+        load_config(write(tmp_path, text))
+    assert key in str(error.value)
+
+
+def test_overrides_and_scientific_notation(tmp_path):
+    config = load_config(write(tmp_path, "distill:\n  learning_rate: 3e-4\n"), ["sft.batch_size=4", "student.source=foo/bar"])
+    assert config.distill.learning_rate == pytest.approx(3e-4)
+    assert config.sft.batch_size == 4
+    assert config.student.source == "foo/bar"
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")

