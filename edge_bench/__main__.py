@@ -1,0 +1,5 @@
+import sys
+
+from edgelm.edge_bench.bench import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""Benchmark one target in this process and write its measurements as JSON.
+
+Run by run_benchmark as `python -m edgelm.edge_bench.worker SPEC_JSON OUT_JSON`, one process per
+target, so that the peak resident memory (ru_maxrss) belongs to that target alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgelm.edge_bench.backends import make_backend
+from edgelm.edge_bench.prompt import prompt_ids, read_prompt_text
+from edgelm.files import write_json
+
+log = logging.getLogger(__name__)
+
+
+def peak_rss_mb() -> float:
+    """Return this process's peak resident set size in MiB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+def time_one_run(backend, ids: list[int], new_tokens: int) -> dict:
+    """Prefill `ids`, then decode until `new_tokens` tokens exist; end of turn is ignored.
+
+    TTFT covers the prefill and choosing the first token. Each decode step covers one forward
+    pass with the KV cache and choosing the next token.
+    """
+    start = time.perf_counter()
+    token = backend.prefill(ids)
+    ttft = time.perf_counter() - start
+
+    step_seconds = []
+    for _ in range(new_tokens - 1):
+        step_start = time.perf_counter()
+        token = backend.decode(token)
+        step_seconds.append(time.perf_counter() - step_start)
+    return {"ttft_s": ttft, "decode_step_s": step_seconds, "total_s": time.perf_counter() - start}
+
+
+def summarize(runs: list[dict], new_tokens: int) -> dict:
+    """Aggregate timed runs: medians over runs, latency percentiles over all decode steps."""
+    steps_ms = np.array([s * 1000 for run in runs for s in run["decode_step_s"]])
+    rates = [len(run["decode_step_s"]) / sum(run["decode_step_s"]) for run in runs if run["decode_step_s"]]
+    return {
+        "ttft_ms": float(np.median([run["ttft_s"] for run in runs]) * 1000),
+        "decode_ms_median": float(np.median(steps_ms)) if steps_ms.size else None,
+        "decode_ms_p90": float(np.percentile(steps_ms, 90)) if steps_ms.size else None,
+        "decode_tokens_per_s": float(np.median(rates)) if rates else None,
+        "end_to_end_tokens_per_s": float(np.median([new_tokens / run["total_s"] for run in runs])),
+    }
+
+
+def benchmark_target(spec: dict) -> dict:
+    """Load the target in `spec`, run warm-up and timed runs, and return its measurements.
+
+    `load_s` includes importing the backend's libraries (onnxruntime or torch and transformers),
+    because an app pays that cost at start-up too.
+    """
+    threads = spec.get("threads")
+    start = time.perf_counter()
+    backend = make_backend(spec["kind"], spec["path"], threads)
+    load_s = time.perf_counter() - start
+    rss_after_load = peak_rss_mb()
+
+    ids = prompt_ids(backend.tokenize, read_prompt_text(spec.get("prompt_file")), spec["prompt_tokens"])
+    for _ in range(spec["warmup"]):
+        time_one_run(backend, ids, spec["new_tokens"])
+    runs = [time_one_run(backend, ids, spec["new_tokens"]) for _ in range(spec["runs"])]
+
+    return {
+        "name": spec["name"],
+        "kind": spec["kind"],
+        "path": str(spec["path"]),
+        "load_s": load_s,
+        **summarize(runs, spec["new_tokens"]),
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_after_load_mb": rss_after_load,
+        "model_size_mb": backend.model_size_bytes() / (1024 * 1024),
+        "prompt_tokens": len(ids),
+        "new_tokens": spec["new_tokens"],
+        "runs": [{"ttft_ms": r["ttft_s"] * 1000, "total_s": r["total_s"]} for r in runs],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m edgelm.edge_bench.worker SPEC_JSON OUT_JSON", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    write_json(argv[1], benchmark_target(spec))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

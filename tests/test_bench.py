@@ -1,0 +1,134 @@
+"""Tests for edgelm.edge_bench on a tiny random Llama, as ONNX export and as PyTorch folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from edgelm.edge_bench import build_parser, format_table, main, parse_target, run_benchmark
+from edgelm.edge_bench.prompt import DEFAULT_TEXT, prompt_ids, read_prompt_text
+
+NUMBER_FIELDS = [
+    "load_s",
+    "ttft_ms",
+    "decode_ms_median",
+    "decode_ms_p90",
+    "decode_tokens_per_s",
+    "end_to_end_tokens_per_s",
+    "peak_rss_mb",
+    "peak_rss_after_load_mb",
+    "model_size_mb",
+]
+CARD_FIELDS = ["cpu", "logical_cores", "memory_gb", "python", "onnxruntime", "onnxruntime_providers", "threads"]
+
+
+@pytest.fixture(scope="session")
+def bench_export_dir(tiny_model_dir, tmp_path_factory):
+    export_onnx = pytest.importorskip("edgelm.export.onnx_export").export_onnx
+    out = tmp_path_factory.mktemp("bench-export") / "onnx"
+    export_onnx(tiny_model_dir, out, check=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def report(bench_export_dir, tiny_model_dir):
+    targets = [
+        {"name": "tiny-onnx", "kind": "onnx", "path": str(bench_export_dir)},
+        {"name": "tiny-pytorch", "kind": "pytorch", "path": str(tiny_model_dir)},
+    ]
+    return run_benchmark(targets, prompt_tokens=16, new_tokens=8, runs=1, warmup=1, threads=1)
+
+
+@pytest.mark.parametrize("name", ["tiny-onnx", "tiny-pytorch"])
+def test_result_fields_positive(report, name):
+    result = next(r for r in report["results"] if r["name"] == name)
+    assert "error" not in result, result.get("error")
+    for field in NUMBER_FIELDS:
+        assert result[field] > 0, f"{name}: {field} = {result[field]}"
+    assert result["prompt_tokens"] == 16
+    assert result["new_tokens"] == 8
+    assert len(result["runs"]) == 1
+
+
+def test_decode_percentiles_ordered(report):
+    for result in report["results"]:
+        assert result["decode_ms_p90"] >= result["decode_ms_median"]
+
+
+def test_device_card_fields(report):
+    card = report["card"]
+    for field in CARD_FIELDS:
+        assert card[field] is not None, field
+    assert "CPUExecutionProvider" in card["onnxruntime_providers"]
+    assert card["threads"] == 1
+
+
+def test_report_is_json(report):
+    assert json.loads(json.dumps(report)) == report
+
+
+def test_format_table_rows(report):
+    table = format_table(report).splitlines()
+    assert table[0].startswith("| target | kind |")
+    assert len(table) == 2 + len(report["results"])
+    assert table[2].startswith("| tiny-onnx | onnx |")
+    assert table[3].startswith("| tiny-pytorch | pytorch |")
+
+
+def test_failed_target_reports_error(tmp_path):
+    report = run_benchmark([{"name": "broken", "kind": "onnx", "path": str(tmp_path)}], prompt_tokens=4, new_tokens=2, runs=1, warmup=0)
+    result = report["results"][0]
+    assert "edgelm_export.json" in result["error"]
+    assert "failed" in format_table(report)
+
+
+def test_cli_writes_json(bench_export_dir, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    argv = ["--target", f"tiny=onnx:{bench_export_dir}", "--prompt-tokens", "8", "--new-tokens", "4",
+            "--runs", "1", "--warmup", "0", "--threads", "1", "--out", str(out)]
+    assert main(argv) == 0
+    written = json.loads(out.read_text())
+    assert written["results"][0]["name"] == "tiny"
+    assert written["settings"]["prompt_tokens"] == 8
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1])["results"][0]["name"] == "tiny"
+    assert any(line.startswith("| tiny | onnx |") for line in printed)
+
+
+def test_parse_target():
+    assert parse_target("a=onnx:/x/y:z") == {"name": "a", "kind": "onnx", "path": "/x/y:z"}
+    for bad in ["onnx:/x", "a=/x", "a=tflite:/x", "=onnx:/x"]:
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_target(bad)
+
+
+def test_every_option_has_help():
+    for action in build_parser()._actions:
+        assert action.help, f"option {action.option_strings} has no help text"
+
+
+@pytest.mark.parametrize("kwargs", [dict(prompt_tokens=0), dict(new_tokens=0), dict(runs=0), dict(warmup=-1), dict(threads=0)])
+def test_invalid_settings(tmp_path, kwargs):
+    with pytest.raises(ValueError):
+        run_benchmark([{"name": "x", "kind": "onnx", "path": str(tmp_path)}], **kwargs)
+
+
+def test_duplicate_target_names(tmp_path):
+    target = {"name": "x", "kind": "onnx", "path": str(tmp_path)}
+    with pytest.raises(ValueError, match="unique"):
+        run_benchmark([target, target])
+
+
+def test_prompt_exact_length():
+    tokenize = lambda text: [ord(c) for c in text]  # noqa: E731 - one id per character
+    assert len(prompt_ids(tokenize, "abc", 10)) == 10
+    assert prompt_ids(tokenize, "abcdef", 3) == [ord("a"), ord("b"), ord("c")]
+
+
+def test_prompt_from_jsonl(tmp_path, gsm8k_dir):
+    text = read_prompt_text(gsm8k_dir / "test.jsonl")
+    first = json.loads((gsm8k_dir / "test.jsonl").open().readline())["question"]
+    assert text.startswith(first)
+    assert read_prompt_text(None) == DEFAULT_TEXT
