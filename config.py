@@ -72,8 +72,8 @@ class SFTStageConfig:
 @dataclass
 class SFTConfig:
     stages: list[SFTStageConfig] = field(default_factory=lambda: [
-        SFTStageConfig(name="reasoning", mode="reasoning", records=512, learning_rate=3e-4),
-        SFTStageConfig(name="fast", mode="fast", records=1024, learning_rate=1e-4),
+        SFTStageConfig(name="reasoning", mode="reasoning", records=256, learning_rate=3e-4),
+        SFTStageConfig(name="fast", mode="fast", records=512, learning_rate=1e-4),
     ])
     """Stages run in order, each starting from the previous stage's model."""
     batch_size: int = 8
@@ -103,7 +103,7 @@ class SFTConfig:
 class RolloutConfig:
     mode: str = "fast"
     """Answer mode the student answers in (and the mode distillation trains)."""
-    records: int = 1024
+    records: int = 512
     """Training prompts answered (the first N of the training file)."""
     samples_per_prompt: int = 1
     """Answers sampled per prompt."""

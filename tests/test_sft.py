@@ -37,3 +37,24 @@ def test_sft_stage_lowers_loss_and_saves(tiny_model_dir, tmp_path):
     assert history[-1] < history[0]
     model, tokenizer = load_model(str(tmp_path / "sft"))
     assert tokenizer.eos_token == "<|im_end|>"
+
+
+def test_answer_loss_equals_full_logits_loss(tiny_model_dir):
+    import torch
+
+    from edgelm.train.chat import encode_example
+    from edgelm.train.trainer_setup import answer_loss, pad_batch
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    examples = [encode_example(tokenizer, record, mode, 256) for record, mode in zip(make_records(3), ["fast", "reasoning", "fast"])]
+    batch = pad_batch(examples, tokenizer.pad_token_id)
+    with torch.no_grad():
+        fast = answer_loss(model, batch)
+        # Reference: each example alone, unpadded, full logits, transformers' own loss.
+        total, count = 0.0, 0
+        for example in examples:
+            labels = torch.tensor([example["labels"]])
+            output = model(input_ids=torch.tensor([example["input_ids"]]), labels=labels)
+            tokens = int((labels[:, 1:] != -100).sum())
+            total, count = total + float(output.loss) * tokens, count + tokens
+    torch.testing.assert_close(float(fast), total / count, rtol=1e-5, atol=1e-5)

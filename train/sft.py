@@ -13,12 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import Trainer
-
 from edgelm.train.chat import encode_example
 from edgelm.train.curriculum import curriculum_order, shuffled_order
 from edgelm.train.models import load_model, save_model
-from edgelm.train.trainer_setup import ProgressLine, pad_batch, training_arguments
+from edgelm.train.trainer_setup import AnswerLossTrainer, ProgressLine, pad_batch, training_arguments
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +86,7 @@ def run_sft_stage(
             logging_steps=logging_steps,
             sequential=True,
         )
-        trainer = Trainer(
+        trainer = AnswerLossTrainer(
             model=model,
             args=args,
             train_dataset=examples,
