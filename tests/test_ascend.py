@@ -1,0 +1,192 @@
+"""Static Ascend graphs: greedy parity in onnxruntime CPU, op and opset limits, and the ATC step.
+
+No test here runs the real ATC or an Ascend device. The ATC tests put a stand-in `atc`
+shell script on PATH that records its arguments, so they check only the commands that
+edgelm builds and how it handles success and failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgelm.export.ascend import (
+    DECODE_FILE,
+    PREFILL_FILE,
+    atc_commands,
+    export_ascend,
+    run_atc,
+    static_greedy,
+)
+from edgelm.export.onnx_export import export_onnx, load_for_export, parity_prompts, torch_greedy
+
+PROMPT_LEN = 64
+CAPACITY = 96
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tiny_model_factory):
+    # initializer_range=0.2 so that greedy output varies (see tests/test_export.py).
+    return tiny_model_factory("llama", initializer_range=0.2)
+
+
+@pytest.fixture(scope="module")
+def ascend_export(llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ascend") / "static"
+    empty_bin = tmp_path_factory.mktemp("empty-bin")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PATH", str(empty_bin))  # no `atc` anywhere on PATH
+        manifest = export_ascend(llama_dir, out, max_prompt_len=PROMPT_LEN, kv_capacity=CAPACITY)
+    return out, manifest
+
+
+def write_stand_in_atc(bin_dir: Path, exit_code: int = 0) -> Path:
+    """Write an `atc` stand-in that appends its arguments to atc-calls.jsonl and creates <output>.om."""
+    log_path = bin_dir / "atc-calls.jsonl"
+    script = bin_dir / "atc"
+    script.write_text(
+        "#!/usr/bin/env python3\n"
+        "import json, pathlib, sys\n"
+        f"with open({str(log_path)!r}, 'a') as f:\n"
+        "    f.write(json.dumps({'args': sys.argv[1:], 'cwd': str(pathlib.Path.cwd())}) + '\\n')\n"
+        f"if {exit_code}:\n"
+        "    print('E19999: stand-in atc failure', file=sys.stderr)\n"
+        f"    sys.exit({exit_code})\n"
+        "output = next(a.split('=', 1)[1] for a in sys.argv[1:] if a.startswith('--output='))\n"
+        "pathlib.Path(output + '.om').write_bytes(b'stand-in')\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return log_path
+
+
+def read_calls(log_path: Path) -> list[dict]:
+    return [json.loads(line) for line in log_path.read_text().splitlines()]
+
+
+def test_static_greedy_equals_torch(ascend_export, llama_dir):
+    out, manifest = ascend_export
+    assert manifest["parity"]["reference"] == "pytorch"
+    assert manifest["parity"]["greedy_match"], manifest["parity"]["greedy_mismatches"]
+    model, tokenizer = load_for_export(llama_dir)
+    eos, pad = manifest["eos_token_ids"], manifest["pad_token_id"]
+    for prompt in parity_prompts(tokenizer):
+        expected = torch_greedy(model, prompt, 20, eos, pad)
+        assert static_greedy(out, prompt, 20) == expected
+        assert len(set(expected)) > 1
+
+
+def test_graphs_standard_ops_and_opset(ascend_export):
+    out, _ = ascend_export
+    for filename in (PREFILL_FILE, DECODE_FILE):
+        model = onnx.load(str(out / filename))
+        assert {node.domain for node in model.graph.node} <= {"", "ai.onnx"}, filename
+        assert all(entry.version <= 18 for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+        ops = {node.op_type for node in model.graph.node}
+        assert "ScatterND" not in ops, filename
+
+
+def test_graphs_have_static_shapes(ascend_export):
+    out, manifest = ascend_export
+    heads, dim = manifest["num_kv_heads"], manifest["head_dim"]
+    prefill = ort.InferenceSession(str(out / PREFILL_FILE), providers=["CPUExecutionProvider"])
+    decode = ort.InferenceSession(str(out / DECODE_FILE), providers=["CPUExecutionProvider"])
+    assert [i.shape for i in prefill.get_inputs()] == [[1, PROMPT_LEN]] * 3
+    assert prefill.get_outputs()[0].shape == [1, PROMPT_LEN, manifest["vocab_size"]]
+    assert prefill.get_outputs()[1].shape == [1, heads, CAPACITY, dim]
+    decode_inputs = {i.name: i.shape for i in decode.get_inputs()}
+    assert decode_inputs["input_ids"] == [1, 1]
+    assert decode_inputs["attention_mask"] == [1, CAPACITY]
+    assert decode_inputs["cache_position"] == [1]
+    assert decode_inputs["past_key_values.0.key"] == [1, heads, CAPACITY, dim]
+    assert decode.get_outputs()[0].shape == [1, 1, manifest["vocab_size"]]
+
+
+def test_without_atc_writes_script(ascend_export):
+    out, manifest = ascend_export
+    assert manifest["om_built"] is False
+    assert manifest["variant"] == "ascend-static"
+    assert (manifest["max_prompt_len"], manifest["kv_capacity"]) == (PROMPT_LEN, CAPACITY)
+    assert manifest["soc_version"] == "Ascend310B1"
+    script = (out / "atc.sh").read_text()
+    assert script.count("\natc ") == 2
+    assert "--model=prefill.onnx" in script and "--model=decode.onnx" in script
+    assert os.access(out / "atc.sh", os.X_OK)
+    assert (out / "tokenizer.json").is_file()
+    assert not list(out.glob("*.om"))
+
+
+def test_atc_command_arguments():
+    prefill, decode = atc_commands(128, 256, num_layers=2, num_kv_heads=3, head_dim=64, soc_version="Ascend310P3")
+    assert prefill == [
+        "atc", "--model=prefill.onnx", "--framework=5", "--output=prefill", "--soc_version=Ascend310P3",
+        "--input_shape=input_ids:1,128;attention_mask:1,128;position_ids:1,128",
+        "--precision_mode_v2=mixed_float16", "--log=error",
+    ]
+    shapes = next(a for a in decode if a.startswith("--input_shape=")).split("=", 1)[1].split(";")
+    assert shapes[:4] == ["input_ids:1,1", "attention_mask:1,256", "position_ids:1,1", "cache_position:1"]
+    assert shapes[4:] == [f"past_key_values.{i}.{kind}:1,3,256,64" for i in range(2) for kind in ("key", "value")]
+
+
+def test_stand_in_atc_runs_with_expected_arguments(ascend_export, tmp_path, monkeypatch):
+    out, manifest = ascend_export
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log_path = write_stand_in_atc(bin_dir)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    commands = atc_commands(PROMPT_LEN, CAPACITY, manifest["num_layers"], manifest["num_kv_heads"],
+                            manifest["head_dim"], "Ascend310B1")
+    assert run_atc(commands, out) is True
+    calls = read_calls(log_path)
+    assert [call["args"] for call in calls] == [command[1:] for command in commands]
+    assert all(call["cwd"] == str(out) for call in calls)
+
+
+def test_export_with_stand_in_atc_sets_om_built(llama_dir, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log_path = write_stand_in_atc(bin_dir)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    dynamic_dir = tmp_path / "dynamic"
+    export_onnx(llama_dir, dynamic_dir, check=False)
+    out = tmp_path / "static"
+    manifest = export_ascend(llama_dir, out, max_prompt_len=PROMPT_LEN, kv_capacity=CAPACITY,
+                             soc_version="Ascend910B3", dynamic_dir=dynamic_dir, max_new_tokens=8)
+    assert manifest["om_built"] is True
+    assert manifest["parity"]["reference"].startswith("onnx:")
+    assert manifest["parity"]["greedy_match"]
+    assert (out / "prefill.om").is_file() and (out / "decode.om").is_file()
+    calls = read_calls(log_path)
+    assert len(calls) == 2
+    assert "--soc_version=Ascend910B3" in calls[0]["args"]
+
+
+def test_failing_atc_raises_with_output(ascend_export, tmp_path, monkeypatch):
+    out, manifest = ascend_export
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    write_stand_in_atc(bin_dir, exit_code=3)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    commands = atc_commands(PROMPT_LEN, CAPACITY, 2, 2, 16, "Ascend310B1")
+    with pytest.raises(RuntimeError, match="exit code 3(.|\n)*E19999"):
+        run_atc(commands, tmp_path)
+
+
+def test_static_greedy_rejects_long_prompt(ascend_export):
+    out, _ = ascend_export
+    with pytest.raises(ValueError, match="prefill graph takes 1 to 64"):
+        static_greedy(out, list(range(1, PROMPT_LEN + 2)), 4)
+    with pytest.raises(ValueError, match="kv_capacity is 96"):
+        static_greedy(out, list(range(1, 60)), 40)
+
+
+def test_export_ascend_rejects_bad_sizes(llama_dir, tmp_path):
+    with pytest.raises(ValueError, match="opset=19"):
+        export_ascend(llama_dir, tmp_path / "a", opset=19)
+    with pytest.raises(ValueError, match="max_prompt_len=300"):
+        export_ascend(llama_dir, tmp_path / "a", max_prompt_len=300, kv_capacity=256)
