@@ -1,0 +1,108 @@
+"""End to end on a tiny teacher: every stage runs, an interrupted run resumes, a finished run skips all."""
+
+import json
+
+import pytest
+import yaml
+
+from edgelm import pipeline
+from edgelm.config import ConfigError, load_config
+
+pytestmark = pytest.mark.slow
+
+
+def write_gsm8k(path, count, offset=0):
+    with open(path, "w") as f:
+        for i in range(offset, offset + count):
+            steps = 1 + i % 3
+            answer = "\n".join(f"Step {s}: {i} + {s} = <<{i}+{s}={i + s}>>{i + s}." for s in range(1, steps + 1))
+            f.write(json.dumps({"question": f"What is {i} plus {steps}?", "answer": f"{answer}\n#### {i + steps}"}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tiny_model_factory, tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    write_gsm8k(root / "train.jsonl", 12)
+    write_gsm8k(root / "test.jsonl", 4, offset=100)
+    config = {
+        "run_dir": str(root / "run"),
+        "teacher": str(tiny_model_factory("llama", num_hidden_layers=4)),
+        "student": {"keep_layers": 2},
+        "data": {"train": str(root / "train.jsonl"), "test": str(root / "test.jsonl")},
+        "sft": {"stages": [{"name": "reasoning", "mode": "reasoning", "records": 8, "learning_rate": 1e-3},
+                           {"name": "fast", "mode": "fast", "records": 12, "learning_rate": 1e-3}],
+                "batch_size": 4, "max_length": 256},
+        "rollout": {"records": 6, "max_new_tokens": 6, "batch_size": 4},
+        "distill": {"top_k": 8, "batch_size": 4},
+        "export": {"quantize": ["int8", "int4"]},
+        "ascend": {"max_prompt_len": 128, "kv_capacity": 160},
+        "bench": {"prompt_tokens": 16, "new_tokens": 4, "runs": 1},
+        "eval": {"records": 3},
+    }
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeypatch):
+    config = load_config(tiny_config)
+
+    def interrupted(run):
+        raise KeyboardInterrupt("simulated interruption")
+
+    monkeypatch.setattr(pipeline, "stage_distill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run_pipeline(config)
+    run = pipeline.Run(config)
+    assert run.is_done("score") and not run.is_done("distill")
+    assert not run.path("distill").exists()
+    sft_marker_time = run.marker("sft-fast").stat().st_mtime_ns
+
+    monkeypatch.undo()
+    metrics = pipeline.run_pipeline(config)
+    assert run.marker("sft-fast").stat().st_mtime_ns == sft_marker_time
+    assert list(metrics) == pipeline.stage_names(config)
+
+    # Every artifact the report promises is there.
+    for path in ["report.md", "results.json", "distill/config.json", "export/onnx/model.onnx",
+                 "export/int8/model.onnx", "export/int4/model.onnx", "export/ascend/atc.sh",
+                 "teacher-topk/manifest.json", "rollouts.jsonl"]:
+        assert run.path(path).exists(), path
+    results = json.loads(run.path("results.json").read_text())
+    evaluations = results["stages"]["eval"]
+    for name in ["teacher", "student-init", "sft-reasoning", "sft-fast", "distill", "onnx-fp32", "onnx-int8", "onnx-int4"]:
+        assert set(evaluations[name]["loss"]) == {"reasoning", "fast"}, name
+        assert 0.0 <= evaluations[name]["accuracy"]["fast"] <= 1.0
+    # The fp32 export is the distilled model, so their held-out losses agree.
+    assert evaluations["onnx-fp32"]["loss"]["fast"] == pytest.approx(evaluations["distill"]["loss"]["fast"], rel=1e-4)
+    report = run.path("report.md").read_text()
+    assert "Held-out loss" in report and "onnx-int4" in report
+
+    # A finished run skips every stage.
+    def must_not_run(run):
+        raise AssertionError("a finished stage ran again")
+
+    for name in ["stage_data", "stage_student", "stage_rollout", "stage_score", "stage_distill", "stage_export", "stage_eval"]:
+        monkeypatch.setattr(pipeline, name, must_not_run)
+    pipeline.run_pipeline(config)
+
+
+def test_changed_config_is_rejected_for_existing_run(tiny_config):
+    config = load_config(tiny_config, ["distill.alpha=0.9"])
+    pipeline.Run(config).dir.mkdir(parents=True, exist_ok=True)
+    if not pipeline.Run(config).path("config.yaml").exists():
+        pytest.skip("runs after the end-to-end test")
+    with pytest.raises(ConfigError, match="distill"):
+        pipeline.run_pipeline(config)
+
+
+def test_unknown_stage_name_is_rejected(tmp_path):
+    config = load_config(_write(tmp_path, {"run_dir": str(tmp_path / "run")}))
+    with pytest.raises(ConfigError, match="unknown stage"):
+        pipeline.run_pipeline(config, start_from="nope")
+
+
+def _write(tmp_path, data):
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
