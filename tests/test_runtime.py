@@ -346,6 +346,18 @@ def test_missing_provider_lists_available():
         resolve_providers(["no-such-provider"])
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_export_generates(export_dir, tmp_path, scheme):
+    quantize = pytest.importorskip("edgelm.export.quantize").quantize
+    out = tmp_path / scheme
+    quantize(export_dir, out, scheme, check=False)
+    quantized = Generator.from_pretrained(out, intra_op_threads=1)
+    assert quantized.manifest.variant == scheme
+    ids = quantized.encode_prompt(PROMPTS[0])
+    assert len(quantized.generate_ids(ids, max_new_tokens=5, ignore_eos=True)[0]) == 5
+    assert quantized.score(ids).shape == (len(ids), quantized.manifest.vocab_size)
+
+
 # ----- example app ---------------------------------------------------------------------------
 
 
