@@ -11,11 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from edgelm.files import write_jsonl
-from edgelm.train.distill import DistillCollator, DistillDataset, distill, load_examples
+from edgelm.train.distill import (
+    TARGET_KEYS,
+    DistillCollator,
+    DistillDataset,
+    distill,
+    forward_distillation_loss,
+    load_examples,
+)
 from edgelm.train.logit_store import LogitStore
 from edgelm.train.losses import distillation_loss
 from edgelm.train.models import load_model
 from edgelm.train.score import row_key, row_sequence, score_rows, teacher_identity
+
+from conftest import SMOLLM2_GGUF, requires_smollm2
 
 QUESTIONS = [
     ("Tom has 3 apples and buys 4 more. How many apples does he have?", "3 + 4 = 7. The answer is 7."),
@@ -150,6 +159,27 @@ def test_stored_loss_matches_live_teacher(student_and_teacher, tmp_path):
     assert stored.ce.item() == pytest.approx(expected_ce.item(), rel=1e-5)
 
 
+def test_sliced_logits_loss_matches_full(student_and_teacher, tmp_path):
+    """Asking the student only for logits from the first response position changes no loss value."""
+    student, teacher, tokenizer, _ = student_and_teacher
+    rows = make_rows(tokenizer)
+    score_rows(teacher, rows, tmp_path, top_k=8, teacher_id="t")
+    store = LogitStore(tmp_path)
+    examples, _ = load_examples(rows, store, max_length=512)
+    batch = DistillCollator(tokenizer.pad_token_id)([DistillDataset(examples, store, 512)[i] for i in range(5)])
+    targets = {name: batch[name] for name in TARGET_KEYS}
+
+    with torch.no_grad():
+        outputs, sliced = forward_distillation_loss(student, batch, targets, alpha=0.4, temperature=1.0)
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = distillation_loss(logits, *(targets[name] for name in TARGET_KEYS), alpha=0.4)
+    first_response = min(row_sequence(row)[1] for row in rows) - 1
+    assert outputs.logits.shape[1] == batch["input_ids"].shape[1] - first_response
+    assert sliced.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
+    assert sliced.ce.item() == pytest.approx(full.ce.item(), rel=1e-5)
+    assert sliced.kl.item() == pytest.approx(full.kl.item(), rel=1e-5)
+
+
 def test_collator_aligns_targets(student_and_teacher, tmp_path):
     _, teacher, tokenizer, _ = student_and_teacher
     rows = make_rows(tokenizer)[:2]
@@ -221,7 +251,8 @@ def test_distill_trains_and_saves(student_and_teacher, tiny_model_dir, tmp_path,
     assert metrics["tokens"] == 4 * sum(len(row["prompt_ids"]) + len(row["response_ids"]) for row in rows)
     assert np.isfinite(metrics["final_loss"])
     assert metrics["final_loss"] < metrics["train_loss"]
-    progress = [record.getMessage() for record in caplog.records if record.getMessage().startswith("distill step")]
+    messages = [record.getMessage() for record in caplog.records]
+    progress = [message for message in messages if message.startswith("distill step")]
     assert [line.split(" | ")[0] for line in progress] == ["distill step 2/4", "distill step 4/4"]
     assert " (ce " in progress[0]
     assert progress[0].endswith(" tok/s")
@@ -268,3 +299,31 @@ def test_distill_rejects_vocab_mismatch(tiny_model_dir, tmp_path):
     with pytest.raises(ValueError, match="1000") as error:
         distill(tiny_model_dir, rows_path, store_dir, tmp_path / "out")
     assert "49152" in str(error.value)
+
+
+@requires_smollm2
+@pytest.mark.smollm2
+@pytest.mark.slow
+def test_real_teacher_against_itself(tmp_path):
+    """SmolLM2's stored top-32 targets give near-zero KL against its own live logits."""
+    teacher, tokenizer = load_model(SMOLLM2_GGUF)
+    rows = make_rows(tokenizer)[:2]
+    score_rows(teacher, rows, tmp_path, top_k=32, teacher_id=teacher_identity(SMOLLM2_GGUF, teacher))
+    store = LogitStore(tmp_path)
+    examples, _ = load_examples(rows, store, max_length=512)
+    batch = DistillCollator(tokenizer.pad_token_id)([DistillDataset(examples, store, 512)[i] for i in range(2)])
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    parts = distillation_loss(
+        logits,
+        batch["target_ids"],
+        batch["teacher_ids"],
+        batch["teacher_logits"],
+        batch["teacher_logsumexp"],
+        batch["teacher_mask"],
+        alpha=0.0,
+    )
+    assert store.bytes_per_token() == 132
+    assert parts.kl.item() < 1e-3
+    # A trained model predicts these short answers far better than uniform (log 49152 = 10.8).
+    assert parts.ce.item() < 5.0

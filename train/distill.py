@@ -131,6 +131,37 @@ class LossTracker:
         return means
 
 
+def forward_distillation_loss(
+    model: PreTrainedModel, inputs: dict, targets: dict, alpha: float, temperature: float
+) -> tuple:
+    """Run the student on a DistillCollator batch and return (outputs, DistillationLoss).
+
+    `inputs` contains input_ids and attention_mask, and `targets` the TARGET_KEYS entries.
+    """
+    # The logits over the vocabulary are the costliest part of a small model's step, so ask
+    # only for the positions from the earliest response target on (prompts carry no targets).
+    length = inputs["input_ids"].shape[1]
+    first = int(targets["teacher_mask"].any(dim=0).nonzero()[0]) if targets["teacher_mask"].any() else 0
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        use_cache=False,
+        logits_to_keep=length - first,
+    )
+    sliced = {name: tensor[:, first:] for name, tensor in targets.items()}
+    parts = distillation_loss(
+        outputs.logits,
+        sliced["target_ids"],
+        sliced["teacher_ids"],
+        sliced["teacher_logits"],
+        sliced["teacher_logsumexp"],
+        sliced["teacher_mask"],
+        alpha=alpha,
+        temperature=temperature,
+    )
+    return outputs, parts
+
+
 class DistillTrainer(Trainer):
     """Trainer whose loss is distillation_loss against the batch's stored teacher targets."""
 
@@ -144,17 +175,7 @@ class DistillTrainer(Trainer):
         # Each micro-batch loss is a mean over its own positions, and Trainer divides it by the
         # gradient accumulation steps because the batch has no "labels" to count items from.
         targets = {name: inputs.pop(name) for name in TARGET_KEYS}
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
-        parts = distillation_loss(
-            outputs.logits,
-            targets["target_ids"],
-            targets["teacher_ids"],
-            targets["teacher_logits"],
-            targets["teacher_logsumexp"],
-            targets["teacher_mask"],
-            alpha=self.alpha,
-            temperature=self.temperature,
-        )
+        outputs, parts = forward_distillation_loss(model, inputs, targets, self.alpha, self.temperature)
         self.tracker.add(parts, tokens=int(inputs["attention_mask"].sum()))
         return (parts.loss, outputs) if return_outputs else parts.loss
 

@@ -82,7 +82,7 @@ def topk_kl_loss(
     else:
         log_p = torch.log_softmax(teacher / temperature, dim=-1)
         log_q = torch.log_softmax(student / temperature, dim=-1).gather(-1, ids)
-        per_position = (log_p.exp() * (log_p - log_q)).sum(-1) * temperature**2
+        per_position = _cross_term(log_p, log_q).sum(-1) * temperature**2
 
     # KL is non-negative, but rounding in fp16-stored teacher values can push it slightly below 0.
     return per_position.clamp_min(0.0).mean()
@@ -96,7 +96,7 @@ def _kl_with_tail(
     log_q = student.gather(-1, ids) - student_lse
     log_p = teacher - teacher_lse.unsqueeze(-1)
     p = log_p.exp()
-    per_position = (p * (log_p - log_q)).sum(-1)
+    per_position = _cross_term(log_p, log_q).sum(-1)
     if not has_tail:
         return per_position
 
@@ -108,6 +108,12 @@ def _kl_with_tail(
     # xlogy gives 0 * log(0) = 0 for a teacher with no tail mass.
     tail = torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
     return per_position + tail
+
+
+def _cross_term(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Return p * (log p - log q) elementwise, with 0 where p == 0 (a teacher logit of -inf)."""
+    term = log_p.exp() * (log_p - log_q)
+    return torch.where(log_p == float("-inf"), torch.zeros_like(term), term)
 
 
 def _check_target_shapes(
@@ -144,11 +150,11 @@ def masked_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> 
         student_logits: [B, T, V] float; position t predicts labels[:, t].
         labels: [B, T] int64 token ids, already shifted to align with the logits.
     """
-    if not (labels != IGNORE_INDEX).any():
+    selected = labels != IGNORE_INDEX
+    if not selected.any():
         return student_logits.float().sum() * 0.0
-    return F.cross_entropy(
-        student_logits.float().flatten(0, 1), labels.flatten().long(), ignore_index=IGNORE_INDEX
-    )
+    # Select first, so the fp32 log-softmax runs only on the labelled positions.
+    return F.cross_entropy(student_logits[selected].float(), labels[selected].long())
 
 
 def distillation_loss(
