@@ -152,6 +152,21 @@ def test_kl_handles_zero_teacher_probabilities():
         student.grad = None
 
 
+def test_kl_handles_minus_inf_teacher_logits():
+    """Teacher logits of -inf (tokens a model masks out) inside the top-k give no NaN."""
+    teacher = torch.full((1, 2, V), float("-inf"))
+    teacher[..., :3] = torch.tensor([1.0, 0.5, -2.0])
+    student = torch.randn(1, 2, V, requires_grad=True)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for k in (5, V):
+        for temperature in (1.0, 2.0):
+            loss = topk_kl_loss(student, *make_teacher_targets(teacher, k), mask, temperature)
+            loss.backward()
+            assert torch.isfinite(loss), (k, temperature)
+            assert torch.all(torch.isfinite(student.grad)), (k, temperature)
+            student.grad = None
+
+
 def test_kl_student_puts_no_mass_in_tail():
     """A student with no mass outside the teacher's top-k gives a finite loss and gradient."""
     teacher = torch.randn(1, 3, V)
