@@ -84,11 +84,11 @@ def cmd_rollout(args) -> int:
 def cmd_score(args) -> int:
     from edgelm.files import read_jsonl
     from edgelm.train.models import load_model
-    from edgelm.train.score import score_rows
+    from edgelm.train.score import score_rows, teacher_identity
 
     teacher, _ = load_model(args.teacher)
     _print_json(score_rows(teacher, read_jsonl(args.rows), args.out, top_k=args.top_k,
-                           batch_size=args.batch_size, teacher_id=args.teacher))
+                           batch_size=args.batch_size, teacher_id=teacher_identity(args.teacher, teacher)))
     return 0
 
 
@@ -97,7 +97,7 @@ def cmd_distill(args) -> int:
 
     _print_json(distill(
         args.student, args.rows, args.store, args.out, alpha=args.alpha, temperature=args.temperature,
-        learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size,
+        learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
         max_length=args.max_length, seed=args.seed,
     ))
     return 0
@@ -237,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (default: 1)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
     p.add_argument("--max-length", type=int, default=512, help="maximum tokens per sequence (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.set_defaults(func=cmd_distill)

@@ -135,13 +135,14 @@ def stage_rollout(run: Run) -> dict:
 
 def stage_score(run: Run) -> dict:
     from edgelm.train.models import load_model
-    from edgelm.train.score import score_rows
+    from edgelm.train.score import score_rows, teacher_identity
 
     config = run.config
     teacher, _ = load_model(config.teacher)
     return score_rows(
         teacher, read_jsonl(run.path("rollouts.jsonl")), run.path("teacher-topk"),
-        top_k=config.distill.top_k, batch_size=config.distill.score_batch_size, teacher_id=config.teacher,
+        top_k=config.distill.top_k, batch_size=config.distill.score_batch_size,
+        teacher_id=teacher_identity(config.teacher, teacher),
     )
 
 

@@ -29,6 +29,11 @@ def build_results(run: Run, stage_names: list[str]) -> dict:
     }
 
 
+def _rate(metrics: dict):
+    # SFT and rollout report tokens_per_second; scoring and distillation report tokens_per_s.
+    return metrics.get("tokens_per_second", metrics.get("tokens_per_s"))
+
+
 def _fmt(value, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
@@ -69,16 +74,16 @@ def render_report(results: dict) -> str:
         if name.startswith("sft-") or name == "distill":
             lines.append(
                 f"| {name} | {metrics.get('examples', metrics.get('rows', '–'))} | {metrics.get('steps', '–')} | "
-                f"{_fmt(metrics.get('final_loss'))} | {_fmt(metrics.get('tokens_per_second'), '.0f')} |"
+                f"{_fmt(metrics.get('final_loss'))} | {_fmt(_rate(metrics), '.0f')} |"
             )
     if "rollout" in stages:
         rollout = stages["rollout"]
         lines += ["", f"Rollout: {rollout.get('rows')} sequences, "
                   f"{_fmt(100 * rollout['finished_fraction'], '.0f') if 'finished_fraction' in rollout else '–'}% ended with end of turn, "
-                  f"{_fmt(rollout.get('tokens_per_second'), '.0f')} new tokens/s."]
+                  f"{_fmt(_rate(rollout), '.0f')} new tokens/s."]
     if "score" in stages:
         score = stages["score"]
-        lines += [f"Teacher scoring: {score.get('tokens', '–')} tokens at {_fmt(score.get('tokens_per_second'), '.0f')} tokens/s, "
+        lines += [f"Teacher scoring: {score.get('tokens', '–')} tokens at {_fmt(_rate(score), '.0f')} tokens/s, "
                   f"{_fmt(score.get('bytes_per_token'), '.0f')} bytes per stored token."]
 
     if "eval" in stages:

@@ -13,6 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from transformers import PrinterCallback
+
 from edgelm.train.chat import encode_example
 from edgelm.train.curriculum import curriculum_order, shuffled_order
 from edgelm.train.models import load_model, save_model
@@ -93,6 +95,7 @@ def run_sft_stage(
             data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
             callbacks=[progress],
         )
+        trainer.remove_callback(PrinterCallback)  # ProgressLine logs instead of raw dicts
         start = time.perf_counter()
         result = trainer.train()
         seconds = time.perf_counter() - start
