@@ -419,12 +419,14 @@ def parity_prompts(tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
 
 
 def compare_logits(reference, candidate, prompts: list[list[int]], decode_steps: int) -> dict:
-    """Return the max absolute logits difference in prefill and in decode steps with the cache.
+    """Return the max absolute logits difference in prefill and in decode steps with the cache,
+    and the top-1 agreement over all those positions.
 
     Both decoders keep their own KV cache. Each decode step feeds both the reference's
     greedy token, so one early difference does not change every later input.
     """
     prefill_diff = decode_diff = 0.0
+    top1_same = top1_total = 0
     for prompt in prompts:
         input_ids = np.array([prompt], dtype=np.int64)
         attention_mask = np.ones_like(input_ids)
@@ -432,6 +434,8 @@ def compare_logits(reference, candidate, prompts: list[list[int]], decode_steps:
         ref_logits, ref_past = reference.step(input_ids, attention_mask, position_ids, reference.empty_past(1))
         cand_logits, cand_past = candidate.step(input_ids, attention_mask, position_ids, candidate.empty_past(1))
         prefill_diff = max(prefill_diff, float(np.abs(ref_logits - cand_logits).max()))
+        top1_same += int((ref_logits.argmax(-1) == cand_logits.argmax(-1)).sum())
+        top1_total += len(prompt)
         for _ in range(decode_steps):
             next_id = np.array([[ref_logits[0, -1].argmax()]], dtype=np.int64)
             attention_mask = np.ones((1, attention_mask.shape[1] + 1), dtype=np.int64)
@@ -439,8 +443,12 @@ def compare_logits(reference, candidate, prompts: list[list[int]], decode_steps:
             ref_logits, ref_past = reference.step(next_id, attention_mask, position_ids, ref_past)
             cand_logits, cand_past = candidate.step(next_id, attention_mask, position_ids, cand_past)
             decode_diff = max(decode_diff, float(np.abs(ref_logits - cand_logits).max()))
+            top1_same += int(ref_logits[0, -1].argmax() == cand_logits[0, -1].argmax())
+            top1_total += 1
+    # top1_agreement: share of positions (every prompt position, then each decode step) where
+    # both models rank the same token first, with the same inputs fed to both.
     return {"max_logits_diff_prefill": prefill_diff, "max_logits_diff_decode": decode_diff,
-            "max_logits_diff": max(prefill_diff, decode_diff)}
+            "max_logits_diff": max(prefill_diff, decode_diff), "top1_agreement": top1_same / top1_total}
 
 
 def compare_greedy(reference_tokens: list[list[int]], candidate_tokens: list[list[int]]) -> dict:
@@ -517,9 +525,9 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17, che
                 max_logits_diff: float = 1e-3, strict: bool = True, exporter: str = "torchscript") -> dict:
     """Export the HF folder `model_dir` to an ONNX folder at `out_dir`; return the manifest.
 
-    The folder holds model.onnx, the tokenizer files, config.json, generation_config.json,
+    The folder contains model.onnx, the tokenizer files, config.json, generation_config.json,
     genai_config.json and edgelm_export.json. With `check`, the manifest's `parity` entry
-    holds check_torch_parity's result, and a failed check raises ParityError unless
+    contains check_torch_parity's result, and a failed check raises ParityError unless
     `strict` is False. The folder is replaced only after everything succeeded.
     """
     model_dir = Path(model_dir)

@@ -1,4 +1,4 @@
-"""Quantize an exported ONNX folder (int8, int4 or fp16) and check it against the fp32 graph.
+"""Quantize an exported ONNX folder (int8, int8-weight, int4 or fp16) and check it against the fp32 graph.
 
 Every scheme keeps the graph's input and output names and dtypes, so the runtime loads a
 quantized folder exactly like the fp32 one. The parity check compares the quantized graph
@@ -50,12 +50,15 @@ class Scheme:
 
 SCHEMES = {
     "int8": Scheme("dynamic int8: MatMul weights QInt8 per output channel, activations quantized at run time",
-                   tolerance=0.5, options={"per_channel": True}),
+                   tolerance=1.0, options={"per_channel": True}),
+    "int8-weight": Scheme("weight-only int8 (MatMulNBits, 8 bits), block-wise scales, fp32 activations",
+                          tolerance=2.0, options={"block_size": 32, "symmetric": True, "accuracy_level": None,
+                                                  "quantize_embedding": False, "bits": 8}),
     "int4": Scheme("weight-only int4 (MatMulNBits), block-wise scales, fp32 activations",
                    tolerance=2.0, options={"block_size": 32, "symmetric": True, "accuracy_level": None,
-                                           "quantize_embedding": True}),
+                                           "quantize_embedding": True, "bits": 4}),
     "fp16": Scheme("fp16 weights and compute, fp32 graph inputs and outputs",
-                   tolerance=0.05),
+                   tolerance=0.1),
 }
 
 
@@ -113,8 +116,8 @@ def quantize_int8(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     return {}
 
 
-def quantize_int4(model: onnx.ModelProto, path: Path, options: dict) -> dict:
-    """Quantize MatMul weights (the LM head included) to int4 and, if asked, the embedding Gather.
+def quantize_nbits(model: onnx.ModelProto, path: Path, options: dict) -> dict:
+    """Quantize MatMul weights (the LM head included) to `bits` bits and, if asked, the embedding Gather.
 
     The embedding uses GatherBlockQuantized (onnxruntime >= 1.20), which needs the graph at
     opset 21 and IR version 10 for int4 tensors. If that fails, the embedding stays fp32
@@ -131,7 +134,7 @@ def quantize_int4(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     except Exception as error:  # noqa: BLE001 - any failure of the optional Gather path falls back
         if "Gather" not in op_types:
             raise
-        log.warning("int4 embedding (GatherBlockQuantized) failed, keeping the embedding in fp32: %s", error)
+        log.warning("quantized embedding (GatherBlockQuantized) failed, keeping the embedding in fp32: %s", error)
         notes["embedding_quantized"] = False
         notes["embedding_error"] = str(error)[:500]
         quantized = _run_nbits(nbits, model, ("MatMul",), options)
@@ -155,6 +158,7 @@ def _run_nbits(nbits, model: onnx.ModelProto, op_types: tuple[str, ...], options
         accuracy_level=options["accuracy_level"],
         op_types_to_quantize=op_types,
         quant_axes=(("MatMul", 0), ("Gather", 1)),
+        bits=options["bits"],
     )
     quantizer = nbits.MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
@@ -189,7 +193,7 @@ def quantize_fp16(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     return {}
 
 
-QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp16": quantize_fp16}
+QUANTIZERS = {"int8": quantize_int8, "int8-weight": quantize_nbits, "int4": quantize_nbits, "fp16": quantize_fp16}
 
 
 def check_onnx_parity(reference_path: Path, candidate_path: Path, geometry: ModelGeometry, tokenizer_dir: Path,
@@ -215,8 +219,8 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
              max_logits_diff: float | None = None, strict: bool = False, **options) -> dict:
     """Quantize the fp32 export in `onnx_dir` with `scheme` into a new folder; return its manifest.
 
-    `options` override the scheme's defaults (int8: per_channel; int4: block_size,
-    symmetric, accuracy_level, quantize_embedding). With `check`, the manifest's `parity`
+    `options` override the scheme's defaults (int8: per_channel; int8-weight and int4:
+    block_size, symmetric, accuracy_level, quantize_embedding, bits). With `check`, the manifest's `parity`
     entry compares against the fp32 graph. A logits difference over `max_logits_diff`
     (default: the scheme's tolerance) or a greedy mismatch is reported, and raises
     ParityError only when `strict` is True.
@@ -226,7 +230,8 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
     onnx_dir = Path(onnx_dir)
     source = read_manifest(onnx_dir)
     if source.get("variant") != "fp32":
-        raise ValueError(f"{onnx_dir} holds variant {source.get('variant')!r}; quantize an fp32 export")
+        raise ValueError(f"{onnx_dir} contains variant {source.get('variant')!r}, but quantize() needs an fp32 "
+                         f"export; pass the folder written by export_onnx")
     settings = SCHEMES[scheme]
     unknown = set(options) - set(settings.options)
     if unknown:
@@ -254,8 +259,10 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
             parity = check_onnx_parity(onnx_dir / source["model_file"], tmp / source["model_file"], geometry,
                                        onnx_dir, source["eos_token_ids"], source["pad_token_id"], tolerance)
             manifest["parity"] = parity
-            log.info("%s parity vs fp32 ONNX: max logits diff %.3g, greedy token agreement %.2f",
-                     scheme, parity["max_logits_diff"], parity["greedy_token_agreement"])
+            level = logging.INFO if parity["passed"] else logging.WARNING
+            log.log(level, "%s parity vs fp32 ONNX: max logits diff %.3g (tolerance %.3g), top-1 agreement "
+                    "%.3f, greedy token agreement %.2f", scheme, parity["max_logits_diff"], tolerance,
+                    parity["top1_agreement"], parity["greedy_token_agreement"])
             if strict and not (parity["passed"] and parity["greedy_match"]):
                 raise ParityError(
                     f"{scheme} model differs from fp32: max logits diff {parity['max_logits_diff']:.3g} "

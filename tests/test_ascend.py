@@ -115,7 +115,8 @@ def test_without_atc_writes_script(ascend_export):
     assert manifest["soc_version"] == "Ascend310B1"
     script = (out / "atc.sh").read_text()
     assert script.count("\natc ") == 2
-    assert "--model=prefill.onnx" in script and "--model=decode.onnx" in script
+    assert "--model=prefill.onnx" in script
+    assert "--model=decode.onnx" in script
     assert os.access(out / "atc.sh", os.X_OK)
     assert (out / "tokenizer.json").is_file()
     assert not list(out.glob("*.om"))
@@ -160,7 +161,8 @@ def test_export_with_stand_in_atc_sets_om_built(llama_dir, tmp_path, monkeypatch
     assert manifest["om_built"] is True
     assert manifest["parity"]["reference"].startswith("onnx:")
     assert manifest["parity"]["greedy_match"]
-    assert (out / "prefill.om").is_file() and (out / "decode.om").is_file()
+    assert (out / "prefill.om").is_file()
+    assert (out / "decode.om").is_file()
     calls = read_calls(log_path)
     assert len(calls) == 2
     assert "--soc_version=Ascend910B3" in calls[0]["args"]

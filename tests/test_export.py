@@ -58,8 +58,10 @@ def test_interface_names_and_axes(llama_export):
     assert inputs["position_ids"].type == "tensor(int64)"
     past = inputs["past_key_values.0.key"]
     assert past.type == "tensor(float)"
-    assert isinstance(past.shape[0], str) and isinstance(past.shape[2], str)
-    assert past.shape[1] == manifest["num_kv_heads"] and past.shape[3] == manifest["head_dim"]
+    assert isinstance(past.shape[0], str)
+    assert isinstance(past.shape[2], str)
+    assert past.shape[1] == manifest["num_kv_heads"]
+    assert past.shape[3] == manifest["head_dim"]
     assert all(isinstance(d, str) for d in inputs["input_ids"].shape)
 
 
