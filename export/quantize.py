@@ -88,9 +88,10 @@ def untie_lm_head(model: onnx.ModelProto) -> int:
     if untied:
         # Drop Transpose nodes whose outputs no longer feed anything.
         used = {name for node in graph.node for name in node.input} | {out.name for out in graph.output}
-        kept = [node for node in graph.node if node.op_type != "Transpose" or any(o in used for o in node.output)]
+        remaining_nodes = [node for node in graph.node
+                           if node.op_type != "Transpose" or any(out in used for out in node.output)]
         del graph.node[:]
-        graph.node.extend(kept)
+        graph.node.extend(remaining_nodes)
     return untied
 
 
@@ -111,6 +112,7 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
 def quantize_int8(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # NOTE: graphs over 2 GiB take the external-data path, which no test here runs.
     quantize_dynamic(model, str(path), op_types_to_quantize=["MatMul"], per_channel=options["per_channel"],
                      weight_type=QuantType.QInt8, use_external_data_format=model.ByteSize() >= PROTOBUF_LIMIT_BYTES)
     return {}
