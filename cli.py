@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -122,7 +123,7 @@ def cmd_ascend(args) -> int:
 
     _print_json(export_ascend(
         args.model, args.out, max_prompt_len=args.max_prompt_len, kv_capacity=args.kv_capacity,
-        soc_version=args.soc_version, opset=args.opset,
+        soc_version=args.soc_version, opset=args.opset, dynamic_dir=args.dynamic_dir,
     ))
     return 0
 
@@ -143,8 +144,6 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pathlib import Path
-
     from edgelm.files import read_jsonl
     from edgelm.train.evaluate import OnnxBackend, TorchBackend, evaluate
     from edgelm.train.models import load_model, load_tokenizer
@@ -171,6 +170,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from edgelm.config import QUANT_SCHEMES
+
     parser = argparse.ArgumentParser(prog="edgelm", description="Post-train a small language model and ship it to an edge device.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -252,7 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="write a quantized copy of an ONNX export")
     p.add_argument("--onnx", required=True, help="fp32 export folder from `edgelm export`")
     p.add_argument("--out", required=True, help="output export folder")
-    p.add_argument("--scheme", choices=["int8", "int4", "fp16"], required=True, help="int8 dynamic, int4 weight-only, or fp16")
+    p.add_argument("--scheme", choices=sorted(QUANT_SCHEMES), required=True,
+                   help="int8 (dynamic: int8 weights and activations), int8-weight or int4 (weight-only, fp32 activations), fp16")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("ascend", help="static-shape ONNX graphs and the ATC command for Ascend NPUs")
@@ -262,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-len", type=int, default=128, help="prefill length in tokens (default: 128)")
     p.add_argument("--kv-capacity", type=int, default=256, help="KV cache slots in tokens (default: 256)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, at most 18 for ATC (default: 17)")
+    p.add_argument("--dynamic-dir", type=Path, help="dynamic ONNX export to compare greedy tokens with (default: compare with PyTorch)")
     p.set_defaults(func=cmd_ascend)
 
     p = sub.add_parser("generate", help="generate text from an ONNX export (runtime only, no torch)")

@@ -154,7 +154,7 @@ class DistillConfig:
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
-QUANT_SCHEMES = ("int8", "int4", "fp16")
+QUANT_SCHEMES = ("int8", "int8-weight", "int4", "fp16")
 
 
 @dataclass
