@@ -6,6 +6,7 @@ for one sequence. Only PyTorchBackend imports torch, and only when it loads a mo
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -60,6 +61,10 @@ class PyTorchBackend:
         self.path = Path(path)
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32).eval()
+        # transformers 5 renamed `past_key_values` to `cache` in forward() and its output; the
+        # old name still works there but logs a deprecation warning.
+        parameters = inspect.signature(self.model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in parameters else "past_key_values"
         self._cache = None
 
     def tokenize(self, text: str) -> list[int]:
@@ -69,14 +74,14 @@ class PyTorchBackend:
         torch = self._torch
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
-        self._cache = out.past_key_values
+        self._cache = getattr(out, self._cache_keyword)
         return int(out.logits[0, -1].argmax())
 
     def decode(self, token: int) -> int:
         torch = self._torch
         with torch.inference_mode():
-            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=self._cache, use_cache=True)
-        self._cache = out.past_key_values
+            out = self.model(input_ids=torch.tensor([[token]]), use_cache=True, **{self._cache_keyword: self._cache})
+        self._cache = getattr(out, self._cache_keyword)
         return int(out.logits[0, -1].argmax())
 
     def model_size_bytes(self) -> int:
