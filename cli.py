@@ -27,6 +27,13 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text}")
+    return value
+
+
 def _print_json(data) -> None:
     print(json.dumps(data, indent=2, default=str))
 
@@ -35,10 +42,10 @@ def _print_json(data) -> None:
 
 
 def cmd_pipeline(args) -> int:
-    from edgelm.config import load_config
+    from edgelm.config import load_config, resolve_config_path
     from edgelm.pipeline import resolved_config_text, run_pipeline
 
-    config = load_config(args.config, args.set)
+    config = load_config(resolve_config_path(args.config), args.set)
     logging.getLogger("edgelm").info("resolved config:\n%s", resolved_config_text(config))
     metrics = run_pipeline(config, start_from=args.start_from, stop_after=args.until)
     print(f"report: {config.run_dir}/report.md" if "report" in metrics else f"stopped after {list(metrics)[-1]}")
@@ -155,29 +162,29 @@ def cmd_eval(args) -> int:
         model, tokenizer = load_model(args.model)
         backend = TorchBackend(model, tokenizer)
     result = evaluate(backend, tokenizer, records, loss_modes=tuple(args.loss_modes),
-                      accuracy_modes=tuple(args.accuracy_modes), name=args.model)
+                      accuracy_modes=tuple(args.accuracy_modes), max_length=args.max_length, name=args.model)
     _print_json(result)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from edgelm.edge_bench import main as bench_main
+    from edgelm.edge_bench import run_from_args
 
-    return bench_main(args.bench_args)
+    return run_from_args(args)
 
 
 # ---------------------------------------------------------------- parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgelm.config import QUANT_SCHEMES
+    from edgelm.config import ANSWER_MODES, QUANT_SCHEMES
 
     parser = argparse.ArgumentParser(prog="edgelm", description="Post-train a small language model and ship it to an edge device.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("pipeline", help="run every stage from a YAML config, resuming a partial run")
-    p.add_argument("config", help="pipeline YAML file, e.g. configs/default.yaml")
+    p.add_argument("config", help="pipeline YAML file, e.g. configs/default.yaml, or the name of a config shipped with edgelm (default)")
     p.add_argument("--from", dest="start_from", metavar="STAGE", help="re-run this stage and every later one")
     p.add_argument("--until", metavar="STAGE", help="stop after this stage")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -187,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="convert GSM8K-style or chat JSONL into training records")
     p.add_argument("--input", required=True, help="JSONL file, folder with SPLIT.jsonl, or hf:openai/gsm8k")
     p.add_argument("--split", default="train", help="split name when --input is a folder or hub id (default: train)")
-    p.add_argument("--limit", type=int, help="maximum records read (default: all)")
+    p.add_argument("--limit", type=positive_int, help="maximum records read (default: all)")
     p.add_argument("--out", required=True, help="output records JSONL")
     p.set_defaults(func=cmd_data)
 
@@ -196,12 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="records JSONL from `edgelm data`")
     p.add_argument("--out", required=True, help="output HF model folder")
     p.add_argument("--mode", choices=["reasoning", "fast"], default="reasoning", help="answer mode trained (default: reasoning)")
-    p.add_argument("--records", type=int, help="use the first N records (default: all)")
+    p.add_argument("--records", type=positive_int, help="use the first N records (default: all)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the records (default: 1)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
-    p.add_argument("--max-length", type=int, default=384, help="maximum tokens per example; longer ones are skipped (default: 384)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps (default: 1)")
+    p.add_argument("--max-length", type=positive_int, default=384, help="maximum tokens per example; longer ones are skipped (default: 384)")
     p.add_argument("--no-curriculum", action="store_true", help="shuffle instead of ordering easy to hard")
     p.add_argument("--seed", type=int, default=0, help="seed for order and initialisation (default: 0)")
     p.set_defaults(func=cmd_sft)
@@ -211,12 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="records JSONL")
     p.add_argument("--out", required=True, help="output rows JSONL")
     p.add_argument("--mode", choices=["reasoning", "fast"], default="fast", help="answer mode (default: fast)")
-    p.add_argument("--records", type=int, help="answer the first N records (default: all)")
-    p.add_argument("--samples", type=int, default=1, help="answers per prompt (default: 1)")
+    p.add_argument("--records", type=positive_int, help="answer the first N records (default: all)")
+    p.add_argument("--samples", type=positive_int, default=1, help="answers per prompt (default: 1)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="maximum generated tokens per answer (default: 48)")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts generated together (default: 32)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="maximum generated tokens per answer (default: 48)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="prompts generated together (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     p.set_defaults(func=cmd_rollout)
 
@@ -224,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", required=True, help="teacher model source")
     p.add_argument("--rows", required=True, help="rows JSONL from `edgelm rollout`")
     p.add_argument("--out", required=True, help="logit store folder")
-    p.add_argument("--top-k", type=int, default=32, help="logits kept per token (default: 32)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
+    p.add_argument("--top-k", type=positive_int, default=32, help="logits kept per token (default: 32)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default: 8)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("distill", help="train the student on stored teacher logits")
@@ -237,9 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: 1.0)")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (default: 1)")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per step (default: 8)")
-    p.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps (default: 1)")
-    p.add_argument("--max-length", type=int, default=512, help="maximum tokens per sequence (default: 512)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default: 8)")
+    p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps (default: 1)")
+    p.add_argument("--max-length", type=positive_int, default=512, help="maximum tokens per sequence (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
     p.set_defaults(func=cmd_distill)
 
@@ -261,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="HF model folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--soc-version", default="Ascend310B1", help="ATC --soc_version (default: Ascend310B1)")
-    p.add_argument("--max-prompt-len", type=int, default=128, help="prefill length in tokens (default: 128)")
-    p.add_argument("--kv-capacity", type=int, default=256, help="KV cache slots in tokens (default: 256)")
+    p.add_argument("--max-prompt-len", type=positive_int, default=128, help="prefill length in tokens (default: 128)")
+    p.add_argument("--kv-capacity", type=positive_int, default=256, help="KV cache slots in tokens (default: 256)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, at most 18 for ATC (default: 17)")
     p.add_argument("--dynamic-dir", type=Path, help="dynamic ONNX export to compare greedy tokens with (default: compare with PyTorch)")
     p.set_defaults(func=cmd_ascend)
@@ -270,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text from an ONNX export (runtime only, no torch)")
     p.add_argument("export_dir", help="export folder (edgelm_export.json inside)")
     p.add_argument("prompt", help="user message")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="maximum generated tokens (default: 128)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128, help="maximum generated tokens (default: 128)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature, 0 = greedy (default: 0)")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens, 0 = off (default: 0)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold, 1 = off (default: 1)")
@@ -281,13 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="held-out loss and exact-match accuracy of a model or export")
     p.add_argument("--model", required=True, help="model source or ONNX export folder")
     p.add_argument("--data", required=True, help="records JSONL (e.g. from `edgelm data --split test`)")
-    p.add_argument("--records", type=int, default=100, help="records evaluated (default: 100)")
-    p.add_argument("--loss-modes", nargs="+", default=["reasoning", "fast"], help="modes for held-out loss (default: reasoning fast)")
-    p.add_argument("--accuracy-modes", nargs="+", default=["fast"], help="modes for accuracy (default: fast)")
+    p.add_argument("--records", type=positive_int, default=100, help="records evaluated (default: 100)")
+    p.add_argument("--loss-modes", nargs="+", choices=ANSWER_MODES, default=["reasoning", "fast"], help="modes for held-out loss (default: reasoning fast)")
+    p.add_argument("--accuracy-modes", nargs="+", choices=ANSWER_MODES, default=["fast"], help="modes for accuracy (default: fast)")
+    p.add_argument("--max-length", type=positive_int, default=384, help="maximum tokens per example for the loss; longer ones are skipped and counted (default: 384, as sft.max_length)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="latency and memory benchmark (see `edgelm bench -- --help`)", add_help=False)
-    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments for edgelm.edge_bench")
+    p = sub.add_parser("bench", help="measure load time, TTFT, decode latency and peak memory of models")
+    from edgelm.edge_bench.bench import build_parser as add_bench_options
+
+    add_bench_options(p)
     p.set_defaults(func=cmd_bench)
     return parser
 
@@ -295,11 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    from edgelm.config import ConfigError
-    from edgelm.train.data import DataError
+    import yaml
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as error:
-        logging.getLogger("edgelm").error("%s", error)
+    except (ValueError, OSError, ImportError, yaml.YAMLError) as error:
+        # Invalid input and missing files or packages: one line, the traceback only with -v.
+        # ConfigError and DataError are ValueErrors.
+        logging.getLogger("edgelm").error("%s: %s", type(error).__name__, error, exc_info=args.verbose)
         return 2

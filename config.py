@@ -8,6 +8,7 @@ Relative paths resolve against the current working directory.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ class ConfigError(ValueError):
 
 
 ANSWER_MODES = ("reasoning", "fast")
+STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -63,6 +66,8 @@ class SFTStageConfig:
     """Peak learning rate (cosine schedule with warmup)."""
 
     def validate(self, key: str) -> None:
+        _require(bool(STAGE_NAME.fullmatch(self.name)), f"{key}.name",
+                 f"must contain only letters, digits, '_' and '-' (it names a folder), got {self.name!r}")
         _require(self.mode in ANSWER_MODES, f"{key}.mode", f"must be one of {ANSWER_MODES}, got {self.mode!r}")
         _require(self.records >= 1, f"{key}.records", f"must be >= 1, got {self.records}")
         _require(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
@@ -123,6 +128,7 @@ class RolloutConfig:
         _require(self.temperature >= 0, f"{key}.temperature", f"must be >= 0, got {self.temperature}")
         _require(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -147,6 +153,7 @@ class DistillConfig:
     def validate(self, key: str) -> None:
         _require(self.targets in ("on_policy", "label"), f"{key}.targets", f"must be 'on_policy' or 'label', got {self.targets!r}")
         _require(self.top_k >= 1, f"{key}.top_k", f"must be >= 1, got {self.top_k}")
+        _require(self.score_batch_size >= 1, f"{key}.score_batch_size", f"must be >= 1, got {self.score_batch_size}")
         _require(0 <= self.alpha <= 1, f"{key}.alpha", f"must be in [0, 1], got {self.alpha}")
         _require(self.temperature > 0, f"{key}.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.learning_rate < 1, f"{key}.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
@@ -170,6 +177,8 @@ class ExportConfig:
         _require(11 <= self.opset <= 21, f"{key}.opset", f"must be in [11, 21], got {self.opset}")
         for scheme in self.quantize:
             _require(scheme in QUANT_SCHEMES, f"{key}.quantize", f"unknown scheme {scheme!r}; known: {QUANT_SCHEMES}")
+        _require(len(set(self.quantize)) == len(self.quantize), f"{key}.quantize", f"lists a scheme twice: {self.quantize}")
+        _require(self.max_logits_diff > 0, f"{key}.max_logits_diff", f"must be > 0, got {self.max_logits_diff}")
 
 
 @dataclass
@@ -204,6 +213,7 @@ class BenchConfig:
         _require(self.prompt_tokens >= 1, f"{key}.prompt_tokens", f"must be >= 1, got {self.prompt_tokens}")
         _require(self.new_tokens >= 1, f"{key}.new_tokens", f"must be >= 1, got {self.new_tokens}")
         _require(self.runs >= 1, f"{key}.runs", f"must be >= 1, got {self.runs}")
+        _require(self.threads is None or self.threads >= 1, f"{key}.threads", f"must be null or >= 1, got {self.threads}")
 
 
 @dataclass
@@ -219,6 +229,7 @@ class EvalConfig:
         _require(self.records >= 1, f"{key}.records", f"must be >= 1, got {self.records}")
         for mode in [*self.loss_modes, *self.accuracy_modes]:
             _require(mode in ANSWER_MODES, key, f"unknown mode {mode!r}; known: {ANSWER_MODES}")
+        _require(bool(self.loss_modes or self.accuracy_modes), key, "loss_modes and accuracy_modes are both empty; name at least one mode")
 
 
 @dataclass
@@ -245,6 +256,9 @@ class PipelineConfig:
             if hasattr(value, "validate"):
                 value.validate(f.name)
         _require(bool(self.teacher), "teacher", "must name a model source")
+        # ATC reads ONNX opsets up to 18, and the Ascend graphs use the export's opset.
+        _require(not self.ascend.enabled or self.export.opset <= 18, "export.opset",
+                 f"must be <= 18 while ascend.enabled is true (ATC's limit), got {self.export.opset}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -290,21 +304,47 @@ def _convert(hint, value, key: str):
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
 
 
+def resolve_config_path(name: str) -> Path:
+    """Return `name` as a path, or the config of that name shipped with edgelm (`default`)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path.stem}.yaml"
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    shipped = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"config file not found: {name}; pass a YAML path or one of the shipped configs {shipped}")
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set `dotted.key=value` (value parsed as YAML) in the raw config mapping."""
+    dotted, sep, raw = override.partition("=")
+    if not sep:
+        raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. sft.batch_size=4")
+    target = data
+    *parents, leaf = dotted.split(".")
+    for depth, part in enumerate(parents):
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            prefix = ".".join(parents[: depth + 1])
+            raise ConfigError(f"override {override!r}: {prefix} is not a mapping; set the whole value, e.g. "
+                              f"--set '{prefix}=[...]'")
+    target[leaf] = yaml.safe_load(raw)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read and validate a pipeline config; `overrides` are `dotted.key=value` strings (YAML values)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {error}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
     for override in overrides or []:
-        dotted, sep, raw = override.partition("=")
-        if not sep:
-            raise ConfigError(f"override {override!r}: expected KEY=VALUE, e.g. sft.batch_size=4")
-        target = data
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-        target[leaf] = yaml.safe_load(raw)
+        apply_override(data, override)
     config = _build(PipelineConfig, data, "")
     config.validate()
     return config

@@ -132,3 +132,13 @@ def test_prompt_from_jsonl(tmp_path, gsm8k_dir):
     first = json.loads((gsm8k_dir / "test.jsonl").open().readline())["question"]
     assert text.startswith(first)
     assert read_prompt_text(None) == DEFAULT_TEXT
+
+
+def test_edgelm_bench_subcommand(bench_export_dir, tmp_path):
+    from edgelm.cli import main as edgelm_main
+
+    out = tmp_path / "results.json"
+    argv = ["bench", "--target", f"tiny=onnx:{bench_export_dir}", "--prompt-tokens", "8", "--new-tokens", "4",
+            "--runs", "1", "--warmup", "0", "--out", str(out)]
+    assert edgelm_main(argv) == 0
+    assert json.loads(out.read_text())["results"][0]["name"] == "tiny"

@@ -1,0 +1,68 @@
+"""The `edgelm` command: help for every subcommand, and one-line errors for bad input."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgelm.cli import build_parser, main
+
+SUBCOMMANDS = ["pipeline", "data", "sft", "rollout", "score", "distill", "export", "quantize", "ascend",
+               "generate", "eval", "bench"]
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_option_has_help(command):
+    parser = build_parser()
+    subparser = parser._subparsers._group_actions[0].choices[command]
+    for action in subparser._actions:
+        if action.dest != "help":
+            assert action.help, f"edgelm {command} {action.option_strings or action.dest} has no help text"
+
+
+def test_help_runs_without_torch():
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from edgelm.cli import main\n"
+            "try:\n    main(['generate', '--help'])\nexcept SystemExit as e:\n    sys.exit(e.code)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "export_dir" in result.stdout
+
+
+def test_missing_config_is_one_line_error(tmp_path, caplog):
+    assert main(["pipeline", str(tmp_path / "nope.yaml")]) == 2
+    assert "config file not found" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_bad_yaml_and_bad_override(tmp_path, caplog):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sft: [unclosed\n")
+    assert main(["pipeline", str(bad)]) == 2
+    assert "invalid YAML" in caplog.text
+
+    good = tmp_path / "good.yaml"
+    good.write_text(f"run_dir: {tmp_path / 'run'}\nsft:\n  stages:\n    - name: a\n")
+    assert main(["pipeline", str(good), "--set", "sft.stages.0.records=3"]) == 2
+    assert "sft.stages is not a mapping" in caplog.text
+
+
+def test_malformed_data_names_line(tmp_path, caplog):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n{broken\n")
+    assert main(["data", "--input", str(data), "--out", str(tmp_path / "records.jsonl")]) == 2
+    assert f"{data}:2:" in caplog.text
+    assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_nonpositive_counts_rejected(capsys):
+    with pytest.raises(SystemExit):
+        main(["data", "--input", "x", "--out", "y", "--limit", "0"])
+    assert "must be a whole number >= 1" in capsys.readouterr().err
+
+
+def test_packaged_default_config_resolves():
+    from edgelm.config import load_config, resolve_config_path
+
+    assert load_config(resolve_config_path("default")).student.keep_layers == 10
