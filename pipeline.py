@@ -17,7 +17,7 @@ Run folder:
     distill/             the distilled student
     export/onnx, export/int8, export/int4, export/ascend
     eval/<model>.json    held-out loss and accuracy per model
-    bench.json           latency and memory per backend
+    stages/<stage>.json  each stage's metrics; stages/bench.json has latency and memory per backend
     report.md, results.json
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,10 +72,10 @@ class Run:
 def stage_data(run: Run) -> dict:
     from edgelm.train.data import load_records
 
+    # Whole files, so that later stages can take more or fewer records without redoing this one.
     config = run.config
-    needed = max([stage.records for stage in config.sft.stages] + [config.rollout.records])
-    train = load_records(config.data.train, "train", limit=needed)
-    test = load_records(config.data.test, "test", limit=config.eval.records)
+    train = load_records(config.data.train, "train")
+    test = load_records(config.data.test, "test")
     write_jsonl(run.path("data", "train.jsonl"), train)
     write_jsonl(run.path("data", "test.jsonl"), test)
     return {"train_records": len(train), "test_records": len(test)}
@@ -201,7 +202,7 @@ def stage_eval(run: Run) -> dict:
     from edgelm.train.models import load_model, load_tokenizer
 
     config = run.config
-    records = run.records("test")
+    records = run.records("test")[: config.eval.records]
     tokenizer = load_tokenizer(str(run.path("distill")))
     results = {}
     for name, kind, location in eval_targets(run):
@@ -260,33 +261,67 @@ def stage_names(config: PipelineConfig) -> list[str]:
     return [name for name, _ in stages(config)]
 
 
-def _check_same_config(run: Run) -> None:
+# Outputs that a stage fills incrementally and reuses on resume; `--from` deletes them so the
+# re-run stage starts empty instead of reusing results computed from older inputs.
+RESUMABLE_OUTPUTS = {"score": "teacher-topk", "eval": "eval"}
+
+
+def _changed_keys(saved, current, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(set(saved) | set(current))
+        return [changed for key in keys for changed in _changed_keys(saved.get(key), current.get(key), f"{prefix}{key}.")]
+    return [] if saved == current else [prefix.rstrip(".")]
+
+
+def first_stage_reading(key: str, names: list[str]) -> str:
+    """Return the earliest stage whose output depends on config `key` (dotted)."""
+    section, _, field = key.partition(".")
+    if section == "distill":
+        stage = {"targets": "rollout", "top_k": "score", "score_batch_size": "score"}.get(field, "distill")
+    elif section == "sft":
+        stage = next(name for name in names if name.startswith("sft-"))
+    else:
+        stage = {"teacher": "student", "student": "student", "rollout": "rollout", "export": "export",
+                 "ascend": "ascend", "eval": "eval", "bench": "bench"}.get(section, "data")
+    return stage
+
+
+def _check_same_config(run: Run, names: list[str], start_from: str | None) -> None:
+    """Save the config on the first run; later, allow changes only from the stage that reads them on."""
     saved_path = run.path("config.yaml")
     current = run.config.to_dict()
-    if not saved_path.is_file():
-        write_text(saved_path, yaml.safe_dump(current, sort_keys=False))
-        return
-    saved = yaml.safe_load(saved_path.read_text())
-    if saved != current:
-        changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
-        raise ConfigError(
-            f"run_dir {run.dir} was started with a different config (changed: {', '.join(changed)}); "
-            f"set another run_dir, delete {run.dir}, or restore the settings in {saved_path}"
-        )
+    if saved_path.is_file():
+        saved = yaml.safe_load(saved_path.read_text())
+        changed = _changed_keys(saved, current)
+        if not changed:
+            return
+        earliest = min((first_stage_reading(key, names) for key in changed), key=names.index)
+        if start_from is None or names.index(start_from) > names.index(earliest):
+            raise ConfigError(
+                f"run_dir {run.dir} was started with a different config (changed: {', '.join(changed)}); "
+                f"re-run with --from {earliest} to redo the stages that read these keys, set another run_dir, "
+                f"or restore the settings saved in {saved_path}"
+            )
+        log.info("config changed (%s); stages from %s on run again", ", ".join(changed), start_from)
+    write_text(saved_path, yaml.safe_dump(current, sort_keys=False))
 
 
 def run_pipeline(config: PipelineConfig, start_from: str | None = None, stop_after: str | None = None) -> dict:
     """Run the stages in order, skipping those already complete; return each stage's metrics."""
     run = Run(config)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    _check_same_config(run)
     names = stage_names(config)
     for option, value in (("--from", start_from), ("--until", stop_after)):
         if value is not None and value not in names:
             raise ConfigError(f"{option} {value!r}: unknown stage; stages are {', '.join(names)}")
+    if start_from and stop_after and names.index(stop_after) < names.index(start_from):
+        raise ConfigError(f"--until {stop_after} comes before --from {start_from}; stages run in the order {', '.join(names)}")
+    run.dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(run, names, start_from)
     if start_from is not None:
         for name in names[names.index(start_from) :]:
             run.marker(name).unlink(missing_ok=True)
+            if name in RESUMABLE_OUTPUTS:
+                shutil.rmtree(run.path(RESUMABLE_OUTPUTS[name]), ignore_errors=True)
 
     metrics = {}
     for name, function in stages(config):

@@ -87,22 +87,37 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     pipeline.run_pipeline(config)
 
 
-def test_changed_config_is_rejected_for_existing_run(tiny_config):
-    config = load_config(tiny_config, ["distill.alpha=0.9"])
-    pipeline.Run(config).dir.mkdir(parents=True, exist_ok=True)
-    if not pipeline.Run(config).path("config.yaml").exists():
-        pytest.skip("runs after the end-to-end test")
-    with pytest.raises(ConfigError, match="distill"):
-        pipeline.run_pipeline(config)
-
-
 def test_unknown_stage_name_is_rejected(tmp_path):
     config = load_config(_write(tmp_path, {"run_dir": str(tmp_path / "run")}))
     with pytest.raises(ConfigError, match="unknown stage"):
         pipeline.run_pipeline(config, start_from="nope")
+    assert not (tmp_path / "run").exists()
 
 
 def _write(tmp_path, data):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def test_config_change_needs_from_the_stage_that_reads_it(tmp_path):
+    write_gsm8k(tmp_path / "train.jsonl", 4)
+    data = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "train.jsonl")}
+    path = _write(tmp_path, {"run_dir": str(tmp_path / "run"), "data": data})
+    pipeline.run_pipeline(load_config(path), stop_after="data")
+
+    changed = load_config(path, ["distill.alpha=0.9"])
+    with pytest.raises(ConfigError, match="--from distill"):
+        pipeline.run_pipeline(changed, stop_after="data")
+    with pytest.raises(ConfigError, match="--from rollout"):
+        pipeline.run_pipeline(load_config(path, ["distill.targets=label"]), stop_after="data")
+    # Redoing from the stage that reads the key accepts the change and saves it.
+    pipeline._check_same_config(pipeline.Run(changed), pipeline.stage_names(changed), "distill")
+    assert "alpha: 0.9" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_until_before_from_is_rejected_without_side_effects(tmp_path):
+    config = load_config(_write(tmp_path, {"run_dir": str(tmp_path / "run")}))
+    with pytest.raises(ConfigError, match="comes before"):
+        pipeline.run_pipeline(config, start_from="distill", stop_after="data")
+    assert not (tmp_path / "run").exists()
