@@ -16,6 +16,18 @@ from pathlib import Path
 from typing import Any
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _set_default_permissions(path: Path, is_dir: bool) -> None:
+    # mkstemp and mkdtemp create 0600 files and 0700 folders; give the result the permissions a
+    # plain open() or mkdir() would have, so other users and device sync tools can read exports.
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary file path next to `path`; rename it to `path` when the block succeeds."""
@@ -26,6 +38,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        _set_default_permissions(tmp_path, is_dir=False)
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -42,6 +55,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp_path
+        _set_default_permissions(tmp_path, is_dir=True)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -82,3 +82,17 @@ def test_real_gsm8k_parses(gsm8k_dir):
     assert len(records) == 200
     assert all(r["answer"] and r["difficulty"] >= 1 for r in records)
     assert len({r["id"] for r in records}) == 200
+
+
+def test_chat_reply_without_final_answer_is_the_target():
+    from edgelm.train.chat import target_text
+
+    record = parse_line({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello there."}]}, "c")
+    assert record["answer"] == ""
+    assert target_text(record, "reasoning") == "Hello there."
+    assert target_text(record, "fast") == "Hello there."
+
+
+def test_gsm8k_empty_final_answer_rejected():
+    with pytest.raises(ValueError, match="#### <final answer>"):
+        parse_line({"question": "q?", "answer": "steps\n####   "}, "x")

@@ -34,6 +34,8 @@ def prompt_messages(record: dict, mode: str) -> list[dict]:
 
 
 def target_text(record: dict, mode: str) -> str:
+    if not record["answer"]:
+        return record["reasoning"]  # a chat reply without a marked final answer
     final = f"The answer is {record['answer']}."
     if check_mode(mode) == "reasoning" and record["reasoning"]:
         return f"{record['reasoning']}\n{final}"

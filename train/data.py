@@ -11,7 +11,8 @@ Two input formats are accepted, detected per line:
     GSM8K: {"question": ..., "answer": "step\\nstep\\n#### 72"}
     chat:  {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}; the last user
            message is the prompt, the assistant message after it the reasoning, and the final
-           answer is taken from a trailing "#### N" when present, else the whole reply.
+           answer is taken from a trailing "#### N". Without it, `answer` is "" and the reply is
+           the target in both answer modes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 from pathlib import Path
 
 CALCULATOR_MARK = re.compile(r"<<[^>]*>>")
-FINAL_ANSWER = re.compile(r"\n?####\s*(.+?)\s*$", re.DOTALL)
+FINAL_ANSWER = re.compile(r"\n?####\s*(\S.*?)\s*$", re.DOTALL)
 HUB_PREFIX = "hf:"
 
 
@@ -39,8 +40,9 @@ def _record(record_id: str, prompt: str, reply: str) -> dict:
         reasoning = _clean_steps(reply[: match.start()])
         answer = match.group(1).strip().replace(",", "")
     else:
+        # No final-answer marker: the reply is the whole target and there is no short answer.
         reasoning = _clean_steps(reply)
-        answer = reasoning
+        answer = ""
     steps = [line for line in reasoning.splitlines() if line.strip()]
     return {"id": record_id, "prompt": prompt.strip(), "reasoning": reasoning, "answer": answer, "difficulty": len(steps)}
 
@@ -53,7 +55,7 @@ def parse_line(row: dict, record_id: str) -> dict:
         question, answer = row.get("question"), row.get("answer")
         if not isinstance(question, str) or not question.strip():
             raise ValueError("'question' is missing or empty")
-        if not isinstance(answer, str) or "####" not in answer:
+        if not isinstance(answer, str) or not FINAL_ANSWER.search(answer):
             raise ValueError("'answer' must be a string ending in '#### <final answer>'")
         return _record(record_id, question, answer)
     if "messages" in row:

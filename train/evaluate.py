@@ -9,7 +9,6 @@ The same prompt token ids go to every backend, so PyTorch and ONNX numbers are c
 from __future__ import annotations
 
 import logging
-import math
 import time
 from typing import Protocol
 
@@ -93,15 +92,21 @@ def evaluate(
     result: dict = {"name": name, "records": len(records), "loss": {}, "accuracy": {}, "examples": {}}
     start = time.perf_counter()
 
+    result["loss_skipped_too_long"] = {}
     for mode in loss_modes:
-        total, count = 0.0, 0
+        total, count, skipped = 0.0, 0, 0
         for record in tqdm(records, desc=f"eval loss {name} ({mode})", unit="rec", leave=False):
             example = encode_example(tokenizer, record, mode, max_length)
             if example is None:
+                skipped += 1
                 continue
             loss_sum, tokens = backend.sum_token_loss(example["input_ids"], example["labels"])
             total, count = total + loss_sum, count + tokens
-        result["loss"][mode] = total / max(count, 1)
+        result["loss"][mode] = total / count if count else float("nan")
+        result["loss_skipped_too_long"][mode] = skipped
+        if skipped:
+            log.warning("eval %s (%s): %d of %d records exceed max_length=%d and are left out of the loss",
+                        name, mode, skipped, len(records), max_length)
 
     for mode in accuracy_modes:
         prompts = [prompt_ids(tokenizer, record, mode) for record in records]
@@ -127,5 +132,3 @@ def evaluate(
     return result
 
 
-def perplexity(loss: float) -> float:
-    return math.exp(min(loss, 50.0))

@@ -69,7 +69,7 @@ def run_sft_stage(
     """Fine-tune `model_source` on `records` in answer `mode`; save the result to `out_dir`."""
     model, tokenizer = load_model(model_source)
     examples, stats = build_sft_examples(tokenizer, records, mode, max_length, curriculum, seed)
-    steps = math.ceil(len(examples) / (batch_size * grad_accum)) * math.ceil(epochs)
+    steps = math.ceil(len(examples) / (batch_size * grad_accum) * epochs)
     log.info(
         "%s: %d %s examples (%d tokens, %d trained), %d optimizer steps",
         stage_name, stats["examples"], mode, stats["tokens"], stats["trained_tokens"], steps,
@@ -109,6 +109,6 @@ def run_sft_stage(
         "train_loss": result.training_loss,
         "final_loss": progress.history[-1]["loss"] if progress.history else result.training_loss,
         "seconds": seconds,
-        "tokens_per_second": stats["tokens"] * math.ceil(epochs) / seconds,
+        "tokens_per_second": stats["tokens"] * epochs / seconds,
         "loss_history": [{"step": row["step"], "loss": row["loss"]} for row in progress.history],
     }
