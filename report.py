@@ -83,8 +83,8 @@ def render_report(results: dict) -> str:
                   f"{_fmt(_rate(rollout), '.0f')} new tokens/s."]
     if "score" in stages:
         score = stages["score"]
-        lines += [f"Teacher scoring: {score.get('tokens', '–')} tokens at {_fmt(_rate(score), '.0f')} tokens/s, "
-                  f"{_fmt(score.get('bytes_per_token'), '.0f')} bytes per stored token."]
+        lines += [f"Teacher scoring: {score.get('forward_tokens', '–')} tokens through the teacher in {_fmt(score.get('seconds'), '.0f')} s, "
+                  f"{score.get('tokens', '–')} answer tokens stored at {_fmt(score.get('bytes_per_token'), '.0f')} bytes each."]
 
     if "eval" in stages:
         lines += ["", "## Held-out loss and exact-match accuracy", "",
@@ -104,7 +104,7 @@ def render_report(results: dict) -> str:
     if "ascend" in stages:
         ascend = stages["ascend"]
         lines += ["", f"Ascend static variant: {'OM built' if ascend.get('om_built') else 'ONNX graphs and atc.sh written; ATC not run (not installed here)'}"
-                  f"; static greedy matches dynamic: {ascend.get('static_greedy_match', '–')}."]
+                  f"; static-graph greedy tokens match the dynamic export: {ascend.get('parity', {}).get('greedy_match', '–')}."]
 
     if "bench" in stages:
         from edgelm.edge_bench import format_table

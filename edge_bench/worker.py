@@ -1,7 +1,7 @@
 """Benchmark one target in this process and write its measurements as JSON.
 
 Run by run_benchmark as `python -m edgelm.edge_bench.worker SPEC_JSON OUT_JSON`, one process per
-target, so that the peak resident memory (ru_maxrss) belongs to that target alone.
+target, so that the peak resident memory belongs to that target alone.
 """
 
 from __future__ import annotations
@@ -23,7 +23,17 @@ log = logging.getLogger(__name__)
 
 
 def peak_rss_mb() -> float:
-    """Return this process's peak resident set size in MiB."""
+    """Return this process's peak resident set size in MiB.
+
+    On Linux this reads VmHWM, the high-water mark of the current address space. ru_maxrss is
+    not used there because Linux carries it over from the parent through fork and exec, so a
+    worker started by a 3 GB training process reported 3 GB whatever it loaded.
+    """
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports ru_maxrss in KiB, macOS in bytes.
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024

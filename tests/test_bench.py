@@ -142,3 +142,16 @@ def test_edgelm_bench_subcommand(bench_export_dir, tmp_path):
             "--runs", "1", "--warmup", "0", "--out", str(out)]
     assert edgelm_main(argv) == 0
     assert json.loads(out.read_text())["results"][0]["name"] == "tiny"
+
+
+def test_worker_peak_memory_excludes_parent():
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    ballast = np.ones(300 * 2**20 // 8)  # 300 MiB resident in this process
+    code = "from edgelm.edge_bench.worker import peak_rss_mb; print(peak_rss_mb())"
+    child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert ballast.sum() > 0
+    assert child_peak < 250, f"the worker reported {child_peak:.0f} MiB, inherited from the parent"
