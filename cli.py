@@ -62,6 +62,17 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_student(args) -> int:
+    from edgelm.train.models import count_parameters, load_model, make_student, save_model
+
+    teacher, tokenizer = load_model(args.teacher)
+    student = make_student(teacher, args.keep_layers)
+    save_model(student, tokenizer, args.out)
+    print(f"student: {student.config.num_hidden_layers} of {teacher.config.num_hidden_layers} layers, "
+          f"{count_parameters(student) / 1e6:.1f}M of {count_parameters(teacher) / 1e6:.1f}M parameters -> {args.out}")
+    return 0
+
+
 def cmd_sft(args) -> int:
     from edgelm.files import read_jsonl
     from edgelm.train.sft import run_sft_stage
@@ -197,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, help="maximum records read (default: all)")
     p.add_argument("--out", required=True, help="output records JSONL")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("student", help="build a student by keeping evenly spaced layers of the teacher")
+    p.add_argument("--teacher", required=True, help="teacher model source: HF folder, .gguf, pkg:PACKAGE/FILE.gguf or hub id")
+    p.add_argument("--keep-layers", type=positive_int, default=10, help="decoder layers kept, first and last included (default: 10)")
+    p.add_argument("--out", required=True, help="output HF model folder")
+    p.set_defaults(func=cmd_student)
 
     p = sub.add_parser("sft", help="one curriculum SFT stage")
     p.add_argument("--model", required=True, help="model source: HF folder, .gguf, pkg:PACKAGE/FILE.gguf or hub id")

@@ -8,7 +8,7 @@ import pytest
 
 from edgelm.cli import build_parser, main
 
-SUBCOMMANDS = ["pipeline", "data", "sft", "rollout", "score", "distill", "export", "quantize", "ascend",
+SUBCOMMANDS = ["pipeline", "data", "student", "sft", "rollout", "score", "distill", "export", "quantize", "ascend",
                "generate", "eval", "bench"]
 
 
@@ -66,3 +66,10 @@ def test_packaged_default_config_resolves():
     from edgelm.config import load_config, resolve_config_path
 
     assert load_config(resolve_config_path("default")).student.keep_layers == 10
+
+
+def test_student_subcommand(tiny_model_factory, tmp_path, capsys):
+    teacher = tiny_model_factory("llama", num_hidden_layers=4)
+    assert main(["student", "--teacher", str(teacher), "--keep-layers", "2", "--out", str(tmp_path / "student")]) == 0
+    assert "2 of 4 layers" in capsys.readouterr().out
+    assert json.loads((tmp_path / "student" / "config.json").read_text())["num_hidden_layers"] == 2
