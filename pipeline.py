@@ -248,7 +248,7 @@ def stage_report(run: Run) -> dict:
 
 
 def stages(config: PipelineConfig) -> list[tuple[str, Callable[[Run], dict]]]:
-    """The ordered (name, function) list of stages for `config`."""
+    """Return the ordered (name, function) pairs of the stages that `config` runs."""
     plan = [("data", stage_data), ("student", stage_student)]
     plan += [(f"sft-{stage.name}", make_sft_stage(i)) for i, stage in enumerate(config.sft.stages)]
     plan += [("rollout", stage_rollout), ("score", stage_score), ("distill", stage_distill),
@@ -261,7 +261,7 @@ def stage_names(config: PipelineConfig) -> list[str]:
     return [name for name, _ in stages(config)]
 
 
-# Outputs that a stage fills incrementally and reuses on resume; `--from` deletes them so the
+# Outputs that a stage fills incrementally and reuses on resume. `--from` deletes them, so a
 # re-run stage starts empty instead of reusing results computed from older inputs.
 RESUMABLE_OUTPUTS = {"score": "teacher-topk", "eval": "eval"}
 

@@ -35,6 +35,7 @@ from edgelm.export.onnx_export import (
     ModelGeometry,
     OnnxDecoder,
     ParityError,
+    build_manifest,
     cache_keyword,
     compare_greedy,
     copy_model_files,
@@ -354,25 +355,17 @@ def export_ascend(model_dir: str | Path, out_dir: str | Path, max_prompt_len: in
         for filename in (PREFILL_FILE, DECODE_FILE):
             check_standard_ops(tmp / filename)
         copy_model_files(model, model_dir, tmp)
-        manifest = {
+        manifest = build_manifest(model, tokenizer, model_dir, "ascend-static", model_file="", opset=opset)
+        del manifest["model_file"]  # two graphs instead of one model file, listed under "graphs"
+        manifest.update({
             "format": ASCEND_FORMAT,
             "format_version": ASCEND_FORMAT_VERSION,
-            "variant": "ascend-static",
-            "model_type": model.config.model_type,
-            "num_layers": geometry.num_layers,
-            "num_kv_heads": geometry.num_kv_heads,
-            "head_dim": geometry.head_dim,
-            "vocab_size": geometry.vocab_size,
-            **tokens,
-            "kv_dtype": "float32",
-            "opset": opset,
-            "source": str(model_dir),
             "max_prompt_len": max_prompt_len,
             "kv_capacity": kv_capacity,
             "soc_version": soc_version,
             "mask_value": MASK_VALUE,
             "graphs": {"prefill": PREFILL_FILE, "decode": DECODE_FILE},
-        }
+        })
         # static_greedy reads the manifest, so write it before the check and again after.
         write_json(tmp / MANIFEST_NAME, manifest)
         if check:

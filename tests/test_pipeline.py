@@ -54,7 +54,8 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     with pytest.raises(KeyboardInterrupt):
         pipeline.run_pipeline(config)
     run = pipeline.Run(config)
-    assert run.is_done("score") and not run.is_done("distill")
+    assert run.is_done("score")
+    assert not run.is_done("distill")
     assert not run.path("distill").exists()
     sft_marker_time = run.marker("sft-fast").stat().st_mtime_ns
 
@@ -76,7 +77,8 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     # The fp32 export is the distilled model, so their held-out losses agree.
     assert evaluations["onnx-fp32"]["loss"]["fast"] == pytest.approx(evaluations["distill"]["loss"]["fast"], rel=1e-4)
     report = run.path("report.md").read_text()
-    assert "Held-out loss" in report and "onnx-int4" in report
+    assert "Held-out loss" in report
+    assert "onnx-int4" in report
 
     # A finished run skips every stage.
     def must_not_run(run):
@@ -100,7 +102,7 @@ def _write(tmp_path, data):
     return path
 
 
-def test_config_change_needs_from_the_stage_that_reads_it(tmp_path):
+def test_config_change_needs_from_stage(tmp_path):
     write_gsm8k(tmp_path / "train.jsonl", 4)
     data = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "train.jsonl")}
     path = _write(tmp_path, {"run_dir": str(tmp_path / "run"), "data": data})

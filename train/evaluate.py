@@ -111,16 +111,16 @@ def evaluate(
     for mode in accuracy_modes:
         prompts = [prompt_ids(tokenizer, record, mode) for record in records]
         responses = backend.greedy(prompts, max_new_tokens[mode])
-        correct, shown = 0, []
+        correct, samples = 0, []
         for record, response in zip(records, responses):
             text = tokenizer.decode([t for t in response if t != eos_id], skip_special_tokens=True)
             predicted = extract_answer(text)
             is_correct = answers_match(predicted, record["answer"])
             correct += is_correct
-            if len(shown) < 5:
-                shown.append({"id": record["id"], "reference": record["answer"], "predicted": predicted, "text": text})
+            if len(samples) < 5:
+                samples.append({"id": record["id"], "reference": record["answer"], "predicted": predicted, "text": text})
         result["accuracy"][mode] = correct / len(records)
-        result["examples"][mode] = shown
+        result["examples"][mode] = samples
 
     result["seconds"] = time.perf_counter() - start
     log.info(
