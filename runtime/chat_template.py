@@ -24,7 +24,7 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_t
 
 
 class ChatTemplateError(ValueError):
-    """Raised by a template's `raise_exception(...)`, for example on an unsupported role order."""
+    """An invalid chat template, or one whose `raise_exception(...)` rejected the messages."""
 
 
 class _GenerationBlock(Extension):
@@ -56,7 +56,10 @@ def compile_chat_template(source: str) -> jinja2.Template:
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as error:
+        raise ChatTemplateError(f"invalid chat template (line {error.lineno}): {error.message}") from error
 
 
 def render_chat_template(
@@ -94,7 +97,10 @@ def load_chat_template(tokenizer_dir: str | Path) -> tuple[str | None, dict[str,
     """
     tokenizer_dir = Path(tokenizer_dir)
     config_path = tokenizer_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    except json.JSONDecodeError as error:
+        raise ChatTemplateError(f"invalid JSON in {config_path}: {error}") from error
 
     special_tokens = {}
     for key in SPECIAL_TOKEN_KEYS:

@@ -54,7 +54,9 @@ class StopStringFilter:
     can turn out to belong to a stop string.
     """
 
-    def __init__(self, stop: Sequence[str] | None):
+    def __init__(self, stop: Sequence[str] | str | None):
+        if isinstance(stop, str):
+            stop = [stop]  # one stop string, not a sequence of one-character stops
         self._stops = [s for s in (stop or []) if s]
         self._pending = ""
         self.stopped = False

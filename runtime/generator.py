@@ -89,8 +89,16 @@ class Generator:
         if not tokenizer_path.is_file():
             raise FileNotFoundError(f"{tokenizer_path} not found; the export folder must contain the tokenizer files")
 
-        session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads)
-        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        try:
+            session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads)
+        except (ValueError, FileNotFoundError):
+            raise
+        except Exception as error:  # onnxruntime raises its own classes (InvalidProtobuf, Fail)
+            raise ValueError(f"onnxruntime could not load {model_path}: {error}; re-export the model") from error
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as error:  # tokenizers raises a plain Exception for a malformed file
+            raise ValueError(f"invalid tokenizer file {tokenizer_path}: {error}") from error
         # Padding and truncation stored in tokenizer.json would change the prompt ids; the
         # generator pads batches itself.
         tokenizer.no_padding()

@@ -45,7 +45,10 @@ def read_manifest(export_dir: str | Path) -> ExportManifest:
         raise FileNotFoundError(
             f"{path} not found; pass a folder written by edgelm.export.onnx_export.export_onnx"
         )
-    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"invalid JSON in {path}: {error}; re-export the model") from error
 
     if data.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: format is {data.get('format')!r}, expected {FORMAT_NAME!r}")

@@ -223,6 +223,8 @@ def test_stop_string_cuts_text(generator):
     expected = full[: full.index(stop)]
     assert generator.generate(PROMPTS[2], max_new_tokens=20, stop=[stop]) == expected
     assert generator.generate_batch([PROMPTS[2]], max_new_tokens=20, stop=[stop]) == [expected]
+    # A bare string is one stop string, not one per character.
+    assert generator.generate(PROMPTS[2], max_new_tokens=20, stop=stop) == expected
 
 
 def test_stop_filter_across_pieces():
@@ -368,3 +370,19 @@ def test_chat_example_runs(export_dir):
     assert result.returncode == 0, result.stderr
     assert "assistant> " in result.stdout
     assert len(result.stdout.split("assistant> ", 1)[1].strip()) > 0
+
+
+@pytest.mark.parametrize("broken_file, content, message", [
+    ("model.onnx", b"not a protobuf", "onnxruntime could not load"),
+    ("tokenizer.json", b"{broken", "invalid tokenizer file"),
+    ("edgelm_export.json", b"{broken", "invalid JSON"),
+    ("chat_template.jinja", b"{% for %}", "invalid chat template"),
+])
+def test_corrupt_export_file_is_one_clear_error(export_dir, tmp_path, broken_file, content, message):
+    import shutil
+
+    copy = tmp_path / "export"
+    shutil.copytree(export_dir, copy)
+    (copy / broken_file).write_bytes(content)
+    with pytest.raises(ValueError, match=message):
+        Generator.from_pretrained(copy).generate("hi", max_new_tokens=1)
