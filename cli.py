@@ -167,6 +167,9 @@ def cmd_eval(args) -> int:
     from edgelm.train.models import load_model, load_tokenizer
 
     records = read_jsonl(args.data)[: args.records]
+    if records and "prompt" not in records[0]:
+        raise ValueError(f"{args.data} does not contain records; convert it first with "
+                         f"`edgelm data --input {args.data} --out records.jsonl`")
     if (Path(args.model) / "edgelm_export.json").is_file():
         tokenizer, backend = load_tokenizer(args.model), OnnxBackend(args.model)
     else:
@@ -326,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:
+        logging.getLogger("edgelm").error("interrupted; finished pipeline stages are kept, so the same command resumes")
+        return 130
     except (ValueError, OSError, ImportError, yaml.YAMLError) as error:
         # Invalid input and missing files or packages: one line, the traceback only with -v.
         # ConfigError and DataError are ValueErrors.

@@ -73,3 +73,22 @@ def test_student_subcommand(tiny_model_factory, tmp_path, capsys):
     assert main(["student", "--teacher", str(teacher), "--keep-layers", "2", "--out", str(tmp_path / "student")]) == 0
     assert "2 of 4 layers" in capsys.readouterr().out
     assert json.loads((tmp_path / "student" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_interrupt_is_one_line(monkeypatch, caplog):
+    import edgelm.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_data", interrupted)
+    assert main(["data", "--input", "x", "--out", "y"]) == 130
+    assert "interrupted" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_eval_rejects_raw_gsm8k(tmp_path, caplog):
+    raw = tmp_path / "test.jsonl"
+    raw.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    assert main(["eval", "--model", str(tmp_path), "--data", str(raw)]) == 2
+    assert "edgelm data --input" in caplog.text
