@@ -187,13 +187,15 @@ def stage_ascend(run: Run) -> dict:
     )
 
 
-def eval_targets(run: Run) -> list[tuple[str, str, Path | str]]:
-    """(name, kind, location) of every model evaluated, in report order."""
+def eval_targets(run: Run) -> list[tuple[str, str, Path | str, str]]:
+    """Return (name, kind, location, stage that builds it) of every model evaluated, in report order."""
     config = run.config
-    targets = [("teacher", "pytorch", config.teacher), ("student-init", "pytorch", run.path("student-init"))]
-    targets += [(f"sft-{stage.name}", "pytorch", run.path("sft", stage.name)) for stage in config.sft.stages]
-    targets += [("distill", "pytorch", run.path("distill")), ("onnx-fp32", "onnx", run.path("export", "onnx"))]
-    targets += [(f"onnx-{scheme}", "onnx", run.path("export", scheme)) for scheme in config.export.quantize]
+    targets = [("teacher", "pytorch", config.teacher, "student"),
+               ("student-init", "pytorch", run.path("student-init"), "student")]
+    targets += [(f"sft-{stage.name}", "pytorch", run.path("sft", stage.name), f"sft-{stage.name}") for stage in config.sft.stages]
+    targets += [("distill", "pytorch", run.path("distill"), "distill"),
+                ("onnx-fp32", "onnx", run.path("export", "onnx"), "export")]
+    targets += [(f"onnx-{scheme}", "onnx", run.path("export", scheme), "quantize") for scheme in config.export.quantize]
     return targets
 
 
@@ -205,7 +207,7 @@ def stage_eval(run: Run) -> dict:
     records = run.records("test")[: config.eval.records]
     tokenizer = load_tokenizer(str(run.path("distill")))
     results = {}
-    for name, kind, location in eval_targets(run):
+    for name, kind, location, _ in eval_targets(run):
         cached = run.path("eval", f"{name}.json")
         if cached.is_file():
             results[name] = json.loads(cached.read_text())
@@ -263,7 +265,7 @@ def stage_names(config: PipelineConfig) -> list[str]:
 
 # Outputs that a stage fills incrementally and reuses on resume. `--from` deletes them, so a
 # re-run stage starts empty instead of reusing results computed from older inputs.
-RESUMABLE_OUTPUTS = {"score": "teacher-topk", "eval": "eval"}
+RESUMABLE_OUTPUTS = {"score": "teacher-topk"}
 
 
 def _changed_keys(saved, current, prefix: str = "") -> list[str]:
@@ -287,12 +289,15 @@ def first_stage_reading(key: str, names: list[str]) -> str:
 
 
 def _check_same_config(run: Run, names: list[str], start_from: str | None) -> None:
-    """Save the config on the first run; later, allow changes only from the stage that reads them on."""
+    """Save the config on the first run; later, allow changes only from the stage that reads them on.
+
+    run_dir is left out of the comparison, so a moved or copied run folder resumes.
+    """
     saved_path = run.path("config.yaml")
     current = run.config.to_dict()
     if saved_path.is_file():
         saved = yaml.safe_load(saved_path.read_text())
-        changed = _changed_keys(saved, current)
+        changed = [key for key in _changed_keys(saved, current) if key != "run_dir"]
         if not changed:
             return
         earliest = min((first_stage_reading(key, names) for key in changed), key=names.index)
@@ -318,10 +323,15 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, stop_aft
     run.dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(run, names, start_from)
     if start_from is not None:
-        for name in names[names.index(start_from) :]:
+        rerun = names[names.index(start_from) :]
+        for name in rerun:
             run.marker(name).unlink(missing_ok=True)
             if name in RESUMABLE_OUTPUTS:
                 shutil.rmtree(run.path(RESUMABLE_OUTPUTS[name]), ignore_errors=True)
+        # Evaluations of models that no re-run stage rebuilds stay valid.
+        for target, _, _, producer in eval_targets(run):
+            if producer in rerun:
+                run.path("eval", f"{target}.json").unlink(missing_ok=True)
 
     metrics = {}
     for name, function in stages(config):

@@ -101,10 +101,19 @@ def render_report(results: dict) -> str:
             size = info.get("file_size_bytes")
             lines.append(f"| {name} | {_fmt(size / 1e6 if size else None, '.1f')} | {_fmt(parity.get('max_logits_diff'), '.2e')} | "
                          f"{parity.get('greedy_match', '–')} |")
+        failed = [name for name, info in variants.items()
+                  if isinstance(info, dict) and info.get("parity", {}).get("passed") is False]
+        if failed:
+            lines += ["", f"**Parity check failed for {', '.join(failed)}**: the logits or greedy tokens drift past the "
+                      "scheme's tolerance (see `stages/quantize.json`); check the accuracy table before shipping it."]
     if "ascend" in stages:
         ascend = stages["ascend"]
-        lines += ["", f"Ascend static variant: {'OM built' if ascend.get('om_built') else 'ONNX graphs and atc.sh written; ATC not run (not installed here)'}"
-                  f"; static-graph greedy tokens match the dynamic export: {ascend.get('parity', {}).get('greedy_match', '–')}."]
+        if "skipped" in ascend:
+            lines += ["", f"Ascend static variant: skipped ({ascend['skipped']})."]
+        else:
+            built = "OM built" if ascend.get("om_built") else "ONNX graphs and atc.sh written; ATC not run (not on PATH)"
+            lines += ["", f"Ascend static variant: {built}; static-graph greedy tokens match the dynamic export: "
+                      f"{ascend.get('parity', {}).get('greedy_match', '–')}."]
 
     if "bench" in stages:
         from edgelm.edge_bench import format_table

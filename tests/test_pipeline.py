@@ -80,6 +80,13 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     assert "Held-out loss" in report
     assert "onnx-int4" in report
 
+    # --from distill keeps the evaluations of models it does not rebuild.
+    pipeline.run_pipeline(config, start_from="distill", stop_after="distill")
+    assert run.path("eval", "sft-fast.json").is_file()
+    assert not run.path("eval", "distill.json").exists()
+    assert not run.path("eval", "onnx-int4.json").exists()
+    pipeline.run_pipeline(config)
+
     # A finished run skips every stage.
     def must_not_run(run):
         raise AssertionError("a finished stage ran again")
@@ -113,6 +120,11 @@ def test_config_change_needs_from_stage(tmp_path):
         pipeline.run_pipeline(changed, stop_after="data")
     with pytest.raises(ConfigError, match="--from rollout"):
         pipeline.run_pipeline(load_config(path, ["distill.targets=label"]), stop_after="data")
+    # A moved run folder is not a config change.
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    (tmp_path / "run" / "config.yaml").write_text(saved.replace(str(tmp_path / "run"), "/elsewhere/run"))
+    pipeline._check_same_config(pipeline.Run(load_config(path)), pipeline.stage_names(changed), None)
+
     # Redoing from the stage that reads the key accepts the change and saves it.
     pipeline._check_same_config(pipeline.Run(changed), pipeline.stage_names(changed), "distill")
     assert "alpha: 0.9" in (tmp_path / "run" / "config.yaml").read_text()
