@@ -328,9 +328,9 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, stop_aft
             run.marker(name).unlink(missing_ok=True)
             if name in RESUMABLE_OUTPUTS:
                 shutil.rmtree(run.path(RESUMABLE_OUTPUTS[name]), ignore_errors=True)
-        # Evaluations of models that no re-run stage rebuilds stay valid.
+        # Evaluations of models that no re-run stage rebuilds stay valid, unless eval itself is redone.
         for target, _, _, producer in eval_targets(run):
-            if producer in rerun:
+            if producer in rerun or start_from == "eval":
                 run.path("eval", f"{target}.json").unlink(missing_ok=True)
 
     metrics = {}
