@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -51,8 +52,10 @@ class Generator:
         manifest: ExportManifest,
         chat_template: str | None = None,
         special_tokens: dict[str, str] | None = None,
+        context_length: int | None = None,
     ):
         self.session = session
+        self.context_length = context_length
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.chat_template = chat_template
@@ -104,7 +107,7 @@ class Generator:
         tokenizer.no_padding()
         tokenizer.no_truncation()
         chat_template, special_tokens = load_chat_template(export_dir)
-        return cls(session, tokenizer, manifest, chat_template, special_tokens)
+        return cls(session, tokenizer, manifest, chat_template, special_tokens, read_context_length(export_dir))
 
     def _check_graph_signature(self) -> None:
         required = {"input_ids", "attention_mask", *self._past_names}
@@ -164,6 +167,9 @@ class Generator:
             raise ValueError("every prompt needs at least one token; got an empty prompt")
         batch = len(prompt_ids)
         length = max(len(ids) for ids in prompt_ids)
+        if self.context_length is not None and length > self.context_length:
+            raise ValueError(f"prompt has {length} tokens, more than the model's context length "
+                             f"{self.context_length} (config.json max_position_embeddings); shorten the prompt")
 
         input_ids = np.full((batch, length), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((batch, length), dtype=np.int64)
@@ -224,6 +230,12 @@ class Generator:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
         if max_new_tokens == 0:
             return
+        longest = max((len(ids) for ids in prompt_ids), default=0)
+        if self.context_length is not None and longest + max_new_tokens > self.context_length:
+            allowed = max(self.context_length - longest, 1)
+            log.warning("max_new_tokens=%d would pass the context length %d after a %d-token prompt; "
+                        "generating at most %d tokens", max_new_tokens, self.context_length, longest, allowed)
+            max_new_tokens = allowed
         rng = np.random.default_rng(seed)
         eos = np.array(sorted(self.eos_token_ids), dtype=np.int64)
 
@@ -345,3 +357,15 @@ def _as_batch(prompt_ids: Sequence[int] | Sequence[Sequence[int]]) -> list[list[
     if isinstance(prompt_ids[0], (int, np.integer)):
         return [[int(i) for i in prompt_ids]]
     return [[int(i) for i in ids] for ids in prompt_ids]
+
+
+def read_context_length(export_dir: Path) -> int | None:
+    """Return max_position_embeddings from the export's config.json, or None when it is not there."""
+    path = Path(export_dir) / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except json.JSONDecodeError:
+        return None
+    return int(value) if isinstance(value, int) and value > 0 else None

@@ -386,3 +386,14 @@ def test_corrupt_export_file_is_one_clear_error(export_dir, tmp_path, broken_fil
     (copy / broken_file).write_bytes(content)
     with pytest.raises(ValueError, match=message):
         Generator.from_pretrained(copy).generate("hi", max_new_tokens=1)
+
+
+def test_context_length_limits_prompt_and_new_tokens(export_dir, caplog):
+    generator = Generator.from_pretrained(export_dir)
+    assert generator.context_length == 512  # the tiny test model's max_position_embeddings
+    generator.context_length = 40
+    with pytest.raises(ValueError, match="more than the model's context length 40"):
+        generator.generate_ids([list(range(1, 42))], max_new_tokens=1)
+    out = generator.generate_ids([list(range(1, 31))], max_new_tokens=50, ignore_eos=True)
+    assert len(out[0]) == 10
+    assert "would pass the context length 40" in caplog.text
