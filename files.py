@@ -1,7 +1,7 @@
 """Atomic file and folder writes, so an interrupted stage never leaves a file a later stage reads.
 
 Every writer puts its output under a temporary name in the same folder and renames it into
-place at the end; a rename within one file system is atomic on POSIX.
+place at the end. A rename within one file system is atomic on POSIX.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ def _current_umask() -> int:
 
 
 def _set_default_permissions(path: Path, is_dir: bool) -> None:
-    # mkstemp and mkdtemp create 0600 files and 0700 folders; give the result the permissions a
-    # plain open() or mkdir() would have, so other users and device sync tools can read exports.
+    # mkstemp and mkdtemp create 0600 files and 0700 folders. Give the result the permissions a
+    # plain open() or mkdir() would have, so that other users and sync tools can read exports.
     os.chmod(path, (0o777 if is_dir else 0o666) & ~_current_umask())
 
 

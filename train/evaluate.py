@@ -58,9 +58,9 @@ class TorchBackend:
 class OnnxBackend:
     """Evaluates an edgelm ONNX export through `edgelm.runtime` (no torch in the model path).
 
-    Prompts go one at a time by default: dynamic int8 quantizes activations with one scale per
-    tensor, so in a padded batch a prompt's answer depends on its neighbours (measured on the
-    default run: prefill logits moved by up to 3.3 and one answer changed).
+    Prompts go one at a time by default. Dynamic int8 quantizes activations with one scale per
+    tensor, so in a padded batch a prompt's answer depends on its neighbours. On the default
+    run, batching moved prefill logits by up to 3.3 and changed one answer.
     """
 
     def __init__(self, export_dir, batch_size: int = 1):
