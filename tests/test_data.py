@@ -20,7 +20,8 @@ def test_gsm8k_record_fields():
     assert record["id"] == "gsm8k-train-00001"
     assert record["prompt"].startswith("Natalia sold clips")
     assert record["answer"] == "72"
-    assert "<<" not in record["reasoning"] and ">>" not in record["reasoning"]
+    assert "<<" not in record["reasoning"]
+    assert ">>" not in record["reasoning"]
     assert record["reasoning"] == "Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether."
     assert record["difficulty"] == 2
 

@@ -24,7 +24,8 @@ def test_examples_ordered_easy_to_hard(tiny_model_dir):
     # More steps make longer answers, so easy-to-hard order shows as non-decreasing length per bucket.
     buckets = [lengths[i * 3 : (i + 1) * 3] for i in range(4)]
     assert max(buckets[0]) < min(buckets[-1])
-    assert stats["examples"] == 12 and stats["skipped_too_long"] == 0
+    assert stats["examples"] == 12
+    assert stats["skipped_too_long"] == 0
     assert 0 < stats["trained_tokens"] < stats["tokens"]
 
 

@@ -1,8 +1,8 @@
 """Order training examples from easy to hard.
 
 Records are grouped into buckets by their difficulty score (for GSM8K, the number of reasoning
-steps). Buckets run from the lowest score to the highest; inside a bucket the order is shuffled
-with a fixed seed, so two runs with the same seed see the same sequence of examples.
+steps). Buckets run from the lowest score to the highest. Inside a bucket the order is shuffled
+with a fixed seed, so two runs with the same seed train on the same sequence of examples.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ PACKAGE_PREFIX = "pkg:"
 
 @dataclass(frozen=True)
 class ModelSource:
-    """Where from_pretrained reads a model: a folder or hub id, plus the GGUF file name if any."""
+    """Location of a model for from_pretrained: a folder or hub id, plus the GGUF file name if any."""
 
     location: str
     gguf_file: str | None = None
