@@ -105,6 +105,27 @@ class SFTConfig:
 
 
 @dataclass
+class TeacherSFTConfig:
+    enabled: bool = True
+    """Fine-tune the teacher on the task before it scores, so its targets use the task's answer
+    format. The adapted teacher is saved to <run_dir>/teacher-sft and replaces `teacher` for scoring."""
+    mode: str = "fast"
+    """Answer mode the teacher is adapted to; match rollout.mode, the mode distillation trains."""
+    records: int = 512
+    """Training records used (the first N of the training file)."""
+    epochs: float = 1.0
+    """Passes over the records."""
+    learning_rate: float = 1e-4
+    """Peak learning rate (cosine schedule with warmup)."""
+
+    def validate(self, key: str) -> None:
+        _require(self.mode in ANSWER_MODES, f"{key}.mode", f"must be one of {ANSWER_MODES}, got {self.mode!r}")
+        _require(self.records >= 1, f"{key}.records", f"must be >= 1, got {self.records}")
+        _require(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
+        _require(0 < self.learning_rate < 1, f"{key}.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+
+
+@dataclass
 class RolloutConfig:
     mode: str = "fast"
     """Answer mode the student answers in (and the mode distillation trains)."""
@@ -243,6 +264,7 @@ class PipelineConfig:
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    teacher_sft: TeacherSFTConfig = field(default_factory=TeacherSFTConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -134,16 +134,40 @@ def stage_rollout(run: Run) -> dict:
     )
 
 
+def stage_teacher_sft(run: Run) -> dict:
+    """Adapt the teacher to the task's answer format (one SFT stage) before it scores."""
+    from edgelm.train.sft import run_sft_stage
+
+    config = run.config
+    adapt = config.teacher_sft
+    if not adapt.enabled:
+        return {"skipped": "teacher_sft.enabled is false; the teacher scores as loaded"}
+    records = run.records("train")[: adapt.records]
+    return run_sft_stage(
+        config.teacher, records, run.path("teacher-sft"),
+        mode=adapt.mode, stage_name="teacher-sft", epochs=adapt.epochs,
+        learning_rate=adapt.learning_rate, batch_size=config.sft.batch_size,
+        grad_accum=config.sft.grad_accum, max_length=config.sft.max_length,
+        warmup_ratio=config.sft.warmup_ratio, curriculum=config.sft.curriculum, seed=config.seed,
+    )
+
+
+def scoring_teacher(run: Run) -> str:
+    """The teacher that scores: the adapted one when teacher_sft is enabled."""
+    return str(run.path("teacher-sft")) if run.config.teacher_sft.enabled else run.config.teacher
+
+
 def stage_score(run: Run) -> dict:
     from edgelm.train.models import load_model
     from edgelm.train.score import score_rows, teacher_identity
 
     config = run.config
-    teacher, _ = load_model(config.teacher)
+    source = scoring_teacher(run)
+    teacher, _ = load_model(source)
     return score_rows(
         teacher, read_jsonl(run.path("rollouts.jsonl")), run.path("teacher-topk"),
         top_k=config.distill.top_k, batch_size=config.distill.score_batch_size,
-        teacher_id=teacher_identity(config.teacher, teacher),
+        teacher_id=teacher_identity(source, teacher),
     )
 
 
@@ -190,8 +214,10 @@ def stage_ascend(run: Run) -> dict:
 def eval_targets(run: Run) -> list[tuple[str, str, Path | str, str]]:
     """Return (name, kind, location, stage that builds it) of every model evaluated, in report order."""
     config = run.config
-    targets = [("teacher", "pytorch", config.teacher, "student"),
-               ("student-init", "pytorch", run.path("student-init"), "student")]
+    targets = [("teacher", "pytorch", config.teacher, "student")]
+    if config.teacher_sft.enabled:
+        targets.append(("teacher-adapted", "pytorch", run.path("teacher-sft"), "teacher-sft"))
+    targets.append(("student-init", "pytorch", run.path("student-init"), "student"))
     targets += [(f"sft-{stage.name}", "pytorch", run.path("sft", stage.name), f"sft-{stage.name}") for stage in config.sft.stages]
     targets += [("distill", "pytorch", run.path("distill"), "distill"),
                 ("onnx-fp32", "onnx", run.path("export", "onnx"), "export")]
@@ -253,7 +279,7 @@ def stages(config: PipelineConfig) -> list[tuple[str, Callable[[Run], dict]]]:
     """Return the ordered (name, function) pairs of the stages that `config` runs."""
     plan = [("data", stage_data), ("student", stage_student)]
     plan += [(f"sft-{stage.name}", make_sft_stage(i)) for i, stage in enumerate(config.sft.stages)]
-    plan += [("rollout", stage_rollout), ("score", stage_score), ("distill", stage_distill),
+    plan += [("rollout", stage_rollout), ("teacher-sft", stage_teacher_sft), ("score", stage_score), ("distill", stage_distill),
              ("export", stage_export), ("quantize", stage_quantize), ("ascend", stage_ascend),
              ("eval", stage_eval), ("bench", stage_bench), ("report", stage_report)]
     return plan
@@ -284,7 +310,7 @@ def first_stage_reading(key: str, names: list[str]) -> str:
         stage = next(name for name in names if name.startswith("sft-"))
     else:
         stage = {"teacher": "student", "student": "student", "rollout": "rollout", "export": "export",
-                 "ascend": "ascend", "eval": "eval", "bench": "bench"}.get(section, "data")
+                 "ascend": "ascend", "eval": "eval", "bench": "bench", "teacher_sft": "teacher-sft"}.get(section, "data")
     return stage
 
 

@@ -52,6 +52,18 @@ def _eval_table(evaluations: dict) -> list[str]:
     return lines
 
 
+def _teacher_adaptation(evaluations: dict) -> list[str]:
+    """One sentence comparing the teacher before and after it was adapted to the task."""
+    before, after = evaluations.get("teacher"), evaluations.get("teacher-adapted")
+    if not (isinstance(before, dict) and isinstance(after, dict)):
+        return []
+    parts = [f"{mode} loss {_fmt(before['loss'][mode])} -> {_fmt(after['loss'][mode])}"
+             for mode in before.get("loss", {}) if mode in after.get("loss", {})]
+    parts += [f"{mode} accuracy {100 * before['accuracy'][mode]:.1f}% -> {100 * after['accuracy'][mode]:.1f}%"
+              for mode in before.get("accuracy", {}) if mode in after.get("accuracy", {})]
+    return ["", "Teacher adaptation (held-out, before -> after): " + "; ".join(parts) + "."]
+
+
 def render_report(results: dict) -> str:
     stages = results["stages"]
     machine = results["machine"]
@@ -91,6 +103,7 @@ def render_report(results: dict) -> str:
                   f"GSM8K test, first {results['config']['eval']['records']} questions; loss is mean cross-entropy per "
                   "answer token (end of turn included); accuracy is greedy answer vs reference, exact number match.", ""]
         lines += _eval_table({k: v for k, v in stages["eval"].items() if k != "seconds"})
+        lines += _teacher_adaptation(stages["eval"])
 
     if "export" in stages or "quantize" in stages:
         lines += ["", "## Export", ""]

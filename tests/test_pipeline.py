@@ -32,6 +32,7 @@ def tiny_config(tiny_model_factory, tmp_path_factory):
         "sft": {"stages": [{"name": "reasoning", "mode": "reasoning", "records": 8, "learning_rate": 1e-3},
                            {"name": "fast", "mode": "fast", "records": 12, "learning_rate": 1e-3}],
                 "batch_size": 4, "max_length": 256},
+        "teacher_sft": {"records": 8, "learning_rate": 1e-3},
         "rollout": {"records": 6, "max_new_tokens": 6, "batch_size": 4},
         "distill": {"top_k": 8, "batch_size": 4},
         "export": {"quantize": ["int8", "int4"]},
@@ -71,7 +72,7 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
         assert run.path(path).exists(), path
     results = json.loads(run.path("results.json").read_text())
     evaluations = results["stages"]["eval"]
-    for name in ["teacher", "student-init", "sft-reasoning", "sft-fast", "distill", "onnx-fp32", "onnx-int8", "onnx-int4"]:
+    for name in ["teacher", "teacher-adapted", "student-init", "sft-reasoning", "sft-fast", "distill", "onnx-fp32", "onnx-int8", "onnx-int4"]:
         assert set(evaluations[name]["loss"]) == {"reasoning", "fast"}, name
         assert 0.0 <= evaluations[name]["accuracy"]["fast"] <= 1.0
     # The fp32 export is the distilled model, so their held-out losses agree.
@@ -79,6 +80,9 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     report = run.path("report.md").read_text()
     assert "Held-out loss" in report
     assert "onnx-int4" in report
+    assert "Teacher adaptation (held-out, before -> after)" in report
+    # The adapted teacher, not the loaded one, scored the rollouts.
+    assert "teacher-sft" in json.loads(run.path("teacher-topk", "manifest.json").read_text())["teacher_id"]
 
     # --from distill keeps the evaluations of models it does not rebuild.
     pipeline.run_pipeline(config, start_from="distill", stop_after="distill")
@@ -91,7 +95,7 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     def must_not_run(run):
         raise AssertionError("a finished stage ran again")
 
-    for name in ["stage_data", "stage_student", "stage_rollout", "stage_score", "stage_distill", "stage_export", "stage_eval"]:
+    for name in ["stage_data", "stage_student", "stage_rollout", "stage_teacher_sft", "stage_score", "stage_distill", "stage_export", "stage_eval"]:
         monkeypatch.setattr(pipeline, name, must_not_run)
     pipeline.run_pipeline(config)
 
