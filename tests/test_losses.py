@@ -1,28 +1,44 @@
-"""Tests for the top-k KL and combined distillation losses."""
+"""Tests for the top-k distillation divergences and the combined loss."""
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from edgelm.train.losses import IGNORE_INDEX, distillation_loss, masked_cross_entropy, topk_kl_loss
+from edgelm.train.losses import IGNORE_INDEX, LOSS_NAMES, distillation_loss, topk_divergence
 
 B, T, V = 2, 5, 40
 
 
-def make_teacher_targets(teacher_logits: torch.Tensor, k: int):
-    """Return (ids, values, logsumexp) as a logit store would give them."""
-    values, ids = teacher_logits.topk(k, dim=-1)
-    return ids, values, torch.logsumexp(teacher_logits, dim=-1)
+def make_targets(teacher_logits: torch.Tensor, k: int):
+    """Return (ids, logprobs) as a logit store gives them."""
+    logprobs = torch.log_softmax(teacher_logits.float(), dim=-1)
+    values, ids = logprobs.topk(k, dim=-1)
+    return ids, values
 
 
-def reference_full_kl(student_logits, teacher_logits, mask, temperature=1.0):
-    """KL(p || q) over the full vocabulary, written independently with F.kl_div."""
+def mean_divergence(student, teacher_logits, mask, k=V, **kwargs):
+    return topk_divergence(student, *make_targets(teacher_logits, k), mask, **kwargs).mean()
+
+
+def reference(student_logits, teacher_logits, mask, loss, beta=0.5, temperature=1.0):
+    """Full-vocabulary divergence in float64, written independently of edgelm.train.losses."""
     log_q = F.log_softmax(student_logits[mask].double() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits[mask].double() / temperature, dim=-1)
-    per_position = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
-    return per_position.mean() * temperature**2
+    p, q = log_p.exp(), log_q.exp()
+    if loss == "forward_kl":
+        values = (p * (log_p - log_q)).sum(-1)
+    elif loss == "reverse_kl":
+        values = (q * (log_q - log_p)).sum(-1)
+    elif loss == "tv":
+        values = 0.5 * (p - q).abs().sum(-1)
+    else:
+        m = beta * p + (1 - beta) * q
+        values = beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
+    return values.mean() * temperature**2
 
 
 @pytest.fixture
@@ -36,196 +52,244 @@ def logits():
     return student, teacher, mask
 
 
-def test_kl_zero_when_student_equals_teacher(logits):
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_divergence_zero_when_student_equals_teacher(logits, loss):
     _, teacher, mask = logits
-    loss = topk_kl_loss(teacher, *make_teacher_targets(teacher, V), mask)
-    assert abs(loss.item()) < 1e-6
+    for k in (5, V):
+        value = mean_divergence(teacher, teacher, mask, k=k, loss=loss)
+        assert abs(value.item()) < 1e-6, k
 
 
-def test_kl_full_vocab_matches_reference(logits):
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_divergence_full_vocab_matches_reference(logits, loss):
     student, teacher, mask = logits
-    loss = topk_kl_loss(student, *make_teacher_targets(teacher, V), mask)
-    expected = reference_full_kl(student, teacher, mask)
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+    for beta in (0.25, 0.5, 0.75):
+        value = mean_divergence(student, teacher, mask, loss=loss, beta=beta)
+        expected = reference(student, teacher, mask, loss, beta)
+        assert value.item() == pytest.approx(expected.item(), abs=1e-5), beta
 
 
-def test_kl_full_vocab_matches_reference_at_temperature(logits):
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_divergence_full_vocab_at_temperature(logits, loss):
     student, teacher, mask = logits
     for temperature in (0.5, 2.0):
-        loss = topk_kl_loss(student, *make_teacher_targets(teacher, V), mask, temperature=temperature)
-        expected = reference_full_kl(student, teacher, mask, temperature)
-        assert loss.item() == pytest.approx(expected.item(), abs=1e-5), temperature
+        value = mean_divergence(student, teacher, mask, loss=loss, temperature=temperature)
+        expected = reference(student, teacher, mask, loss, temperature=temperature)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6), temperature
 
 
-def test_kl_topk_with_tail_class(logits):
-    """With k < V the loss equals KL over the k teacher ids plus one merged tail class."""
+def test_jsd_beta_limits_are_kl(logits):
+    student, teacher, mask = logits
+    forward = mean_divergence(student, teacher, mask, k=8, loss="forward_kl")
+    reverse = mean_divergence(student, teacher, mask, k=8, loss="reverse_kl")
+    assert mean_divergence(student, teacher, mask, k=8, loss="jsd", beta=0.0).item() == forward.item()
+    assert mean_divergence(student, teacher, mask, k=8, loss="jsd", beta=1.0).item() == reverse.item()
+    # Close to the limits the mixture divergence is small, as in trl's definition.
+    assert mean_divergence(student, teacher, mask, k=8, loss="jsd", beta=1e-4).item() < 1e-2
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_topk_tail_class_matches_coarse_reference(logits, loss):
+    """With k < V the divergence is that of both distributions merged to k ids plus one tail class."""
     student, teacher, mask = logits
     k = 8
-    ids, values, lse = make_teacher_targets(teacher, k)
-    loss = topk_kl_loss(student, ids, values, lse, mask)
+    ids, logprobs = make_targets(teacher, k)
+    value = topk_divergence(student, ids, logprobs, mask, loss=loss).mean()
 
-    p = F.softmax(teacher.double(), -1)
-    q = F.softmax(student.double(), -1)
-    p_k, q_k = p.gather(-1, ids), q.gather(-1, ids)
-    p_coarse = torch.cat([p_k, 1 - p_k.sum(-1, keepdim=True)], -1)
-    q_coarse = torch.cat([q_k, 1 - q_k.sum(-1, keepdim=True)], -1)
-    expected = (p_coarse * (p_coarse / q_coarse).log()).sum(-1)[mask].mean()
-    assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
-    # Merging classes never increases KL (data processing inequality).
-    assert loss.item() <= reference_full_kl(student, teacher, mask).item() + 1e-6
+    p = F.softmax(teacher.double(), -1).gather(-1, ids)
+    q = F.softmax(student.double(), -1).gather(-1, ids)
+    p = torch.cat([p, 1 - p.sum(-1, keepdim=True)], -1)[mask]
+    q = torch.cat([q, 1 - q.sum(-1, keepdim=True)], -1)[mask]
+    coarse = reference(q.log().unsqueeze(0), p.log().unsqueeze(0), torch.ones(1, len(p), dtype=torch.bool), loss)
+    assert value.item() == pytest.approx(coarse.item(), rel=1e-5, abs=1e-5)
+    # Merging classes never increases an f-divergence (data processing inequality).
+    assert value.item() <= reference(student, teacher, mask, loss).item() + 1e-6
 
 
-def test_kl_ignores_masked_positions(logits):
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_divergence_ignores_masked_positions(logits, loss):
     student, teacher, mask = logits
-    targets = make_teacher_targets(teacher, 8)
-    before = topk_kl_loss(student, *targets, mask)
+    targets = make_targets(teacher, 8)
+    before = topk_divergence(student, *targets, mask, loss=loss)
     changed = student.clone()
     changed[~mask] = torch.randn_like(changed[~mask]) * 10
-    after = topk_kl_loss(changed, *targets, mask)
-    assert after.item() == pytest.approx(before.item(), abs=1e-7)
+    after = topk_divergence(changed, *targets, mask, loss=loss)
+    assert before.shape == (int(mask.sum()),)
+    assert torch.equal(after, before)
 
 
-def test_kl_gradient_zero_on_masked_positions(logits):
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_gradient_zero_on_masked_positions(logits, loss):
     student, teacher, mask = logits
     student = student.clone().requires_grad_(True)
-    topk_kl_loss(student, *make_teacher_targets(teacher, 8), mask).backward()
+    topk_divergence(student, *make_targets(teacher, 8), mask, loss=loss).sum().backward()
     assert torch.all(student.grad[~mask] == 0)
     assert torch.all(torch.isfinite(student.grad))
 
 
-def test_kl_empty_mask_is_zero(logits):
+def test_empty_mask_gives_zero_loss(logits):
     student, teacher, _ = logits
     student = student.clone().requires_grad_(True)
     mask = torch.zeros(B, T, dtype=torch.bool)
-    loss = topk_kl_loss(student, *make_teacher_targets(teacher, 8), mask)
-    loss.backward()
-    assert loss.item() == 0.0
+    labels = torch.full((B, T), IGNORE_INDEX)
+    parts = distillation_loss(student, labels, *make_targets(teacher, 8), mask)
+    parts.loss.backward()
+    assert parts.loss.item() == 0.0
+    assert parts.tokens == 0
     assert torch.all(student.grad == 0)
 
 
-def test_kl_temperature_softens_distributions(logits):
-    """Unscaled KL between softened distributions shrinks as the temperature grows."""
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_temperature_limits(logits, loss):
+    """Very high temperatures flatten both models; very low ones agree when the argmax does."""
     student, teacher, mask = logits
-    targets = make_teacher_targets(teacher, V)
     unscaled = [
-        topk_kl_loss(student, *targets, mask, temperature=t).item() / t**2 for t in (1.0, 2.0, 4.0, 8.0)
+        mean_divergence(student, teacher, mask, loss=loss, temperature=t).item() / t**2 for t in (1.0, 10.0, 1000.0)
     ]
-    assert unscaled == sorted(unscaled, reverse=True)
-    assert unscaled[-1] < unscaled[0] / 10
+    assert unscaled[1] < unscaled[0]
+    # KL-type divergences shrink as 1 / T**2 and total variation as 1 / T.
+    assert unscaled[2] < unscaled[0] * 1e-2
+
+    same_argmax = teacher + 0.3 * torch.randn_like(teacher)
+    same_argmax.scatter_(-1, teacher.argmax(-1, keepdim=True), teacher.max(-1, keepdim=True).values + 5.0)
+    teacher_sharp = teacher.clone()
+    teacher_sharp.scatter_(-1, teacher.argmax(-1, keepdim=True), teacher.max(-1, keepdim=True).values + 5.0)
+    cold = mean_divergence(same_argmax, teacher_sharp, mask, loss=loss, temperature=0.01).item() / 0.01**2
+    assert cold < 1e-6
 
 
-def test_kl_temperature_scaled_by_t_squared(logits):
-    student, teacher, mask = logits
-    targets = make_teacher_targets(teacher, V)
-    scaled = topk_kl_loss(student, *targets, mask, temperature=3.0)
-    expected = reference_full_kl(student, teacher, mask, temperature=3.0)
-    assert scaled.item() == pytest.approx(expected.item(), rel=1e-5)
-
-
-def test_kl_never_negative():
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_divergence_never_negative_in_bf16(loss):
     generator = torch.Generator().manual_seed(1)
     mask = torch.ones(4, 6, dtype=torch.bool)
     for scale in (0.0, 1e-4, 1.0, 30.0):
         for k in (1, 5, V):
             for temperature in (0.5, 1.0, 4.0):
                 teacher = torch.randn(4, 6, V, generator=generator) * scale
-                student = teacher + torch.randn(4, 6, V, generator=generator) * 1e-3
-                # fp16 storage of the teacher values, as in the logit store.
-                ids, values, lse = make_teacher_targets(teacher, k)
-                loss = topk_kl_loss(student, ids, values.half(), lse, mask, temperature)
-                assert torch.isfinite(loss), (scale, k, temperature)
-                assert loss.item() >= 0.0, (scale, k, temperature)
+                student = (teacher + torch.randn(4, 6, V, generator=generator) * 1e-3).bfloat16()
+                ids, logprobs = make_targets(teacher, k)
+                # fp16 storage of the teacher values, as in the logit store, then bf16 training.
+                values = topk_divergence(student, ids, logprobs.half().bfloat16(), mask, loss=loss, temperature=temperature)
+                assert values.dtype == torch.float32
+                assert torch.all(torch.isfinite(values)), (scale, k, temperature)
+                assert torch.all(values >= 0.0), (scale, k, temperature)
 
 
-def test_kl_handles_zero_teacher_probabilities():
-    """A teacher that puts all its mass on one token (p = 0 elsewhere) gives no NaN."""
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_teacher_with_zero_probabilities(loss):
+    """A one-hot teacher and teacher logits of -inf give finite values and gradients."""
+    one_hot = torch.full((1, 2, V), -1e4)
+    one_hot[..., 3] = 0.0
+    masked_out = torch.full((1, 2, V), float("-inf"))
+    masked_out[..., :3] = torch.tensor([1.0, 0.5, -2.0])
+    student = torch.randn(1, 2, V, requires_grad=True)
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    for teacher in (one_hot, masked_out):
+        for k in (1, 5, V):
+            for temperature in (1.0, 2.0):
+                values = topk_divergence(student, *make_targets(teacher, k), mask, loss=loss, temperature=temperature)
+                values.sum().backward()
+                assert torch.all(torch.isfinite(values)), (k, temperature)
+                assert torch.all(torch.isfinite(student.grad)), (k, temperature)
+                student.grad = None
+
+
+def test_forward_kl_of_one_hot_teacher_is_cross_entropy():
     teacher = torch.full((1, 2, V), -1e4)
     teacher[..., 3] = 0.0
-    student = torch.randn(1, 2, V, requires_grad=True)
+    student = torch.randn(1, 2, V)
     mask = torch.ones(1, 2, dtype=torch.bool)
+    expected = -F.log_softmax(student, -1)[..., 3].mean()
     for k in (1, 4, V):
-        loss = topk_kl_loss(student, *make_teacher_targets(teacher, k), mask)
-        loss.backward()
-        expected = -F.log_softmax(student.detach(), -1)[..., 3].mean()
-        assert loss.item() == pytest.approx(expected.item(), rel=1e-5), k
-        assert torch.all(torch.isfinite(student.grad)), k
-        student.grad = None
+        assert mean_divergence(student, teacher, mask, k=k).item() == pytest.approx(expected.item(), rel=1e-5), k
 
 
-def test_kl_handles_minus_inf_teacher_logits():
-    """Teacher logits of -inf (tokens a model masks out) inside the top-k give no NaN."""
-    teacher = torch.full((1, 2, V), float("-inf"))
-    teacher[..., :3] = torch.tensor([1.0, 0.5, -2.0])
-    student = torch.randn(1, 2, V, requires_grad=True)
-    mask = torch.ones(1, 2, dtype=torch.bool)
-    for k in (5, V):
-        for temperature in (1.0, 2.0):
-            loss = topk_kl_loss(student, *make_teacher_targets(teacher, k), mask, temperature)
-            loss.backward()
-            assert torch.isfinite(loss), (k, temperature)
-            assert torch.all(torch.isfinite(student.grad)), (k, temperature)
-            student.grad = None
-
-
-def test_kl_student_puts_no_mass_in_tail():
-    """A student with no mass outside the teacher's top-k gives a finite loss and gradient."""
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_student_with_no_tail_mass(loss):
     teacher = torch.randn(1, 3, V)
-    ids, values, lse = make_teacher_targets(teacher, 4)
+    ids, logprobs = make_targets(teacher, 4)
     student = torch.full((1, 3, V), -1e4).scatter(-1, ids, 0.0).requires_grad_(True)
-    loss = topk_kl_loss(student, ids, values, lse, torch.ones(1, 3, dtype=torch.bool))
-    loss.backward()
-    assert torch.isfinite(loss)
+    values = topk_divergence(student, ids, logprobs, torch.ones(1, 3, dtype=torch.bool), loss=loss)
+    values.sum().backward()
+    assert torch.all(torch.isfinite(values))
     assert torch.all(torch.isfinite(student.grad))
 
 
-def test_kl_bf16_inputs_computed_in_fp32(logits):
+def test_rejects_bad_settings(logits):
     student, teacher, mask = logits
-    ids, values, lse = make_teacher_targets(teacher, 8)
-    loss_bf16 = topk_kl_loss(student.bfloat16(), ids, values.bfloat16(), lse.bfloat16(), mask)
-    loss_fp32 = topk_kl_loss(student.bfloat16().float(), ids, values.bfloat16().float(), lse.bfloat16().float(), mask)
-    assert loss_bf16.dtype == torch.float32
-    assert loss_bf16.item() == pytest.approx(loss_fp32.item(), rel=1e-6)
-
-
-def test_kl_rejects_mismatched_shapes(logits):
-    student, teacher, mask = logits
-    ids, values, lse = make_teacher_targets(teacher, 8)
-    with pytest.raises(ValueError, match="teacher_logsumexp"):
-        topk_kl_loss(student, ids, values, lse[:, :3], mask)
+    ids, logprobs = make_targets(teacher, 8)
+    with pytest.raises(ValueError, match="mask"):
+        topk_divergence(student, ids, logprobs, mask[:, :3])
     with pytest.raises(ValueError, match="temperature"):
-        topk_kl_loss(student, ids, values, lse, mask, temperature=0.0)
+        topk_divergence(student, ids, logprobs, mask, temperature=0.0)
+    with pytest.raises(ValueError, match="beta"):
+        topk_divergence(student, ids, logprobs, mask, loss="jsd", beta=1.5)
+    with pytest.raises(ValueError, match="forward_kl"):
+        topk_divergence(student, ids, logprobs, mask, loss="kl")
 
 
-def test_distillation_alpha_one_is_cross_entropy(logits):
+requires_trl = pytest.mark.skipif(
+    importlib.util.find_spec("trl") is None, reason="trl is not installed (`pip install trl`, a test dependency)"
+)
+
+
+@requires_trl
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_matches_trl(logits, temperature):
+    """With k = V the divergence equals trl's GKDTrainer.generalized_jsd_loss (times T squared)."""
+    from trl.experimental.gkd.gkd_trainer import GKDTrainer
+
+    student, teacher, mask = logits
+    labels = torch.where(mask, torch.zeros(B, T, dtype=torch.long), IGNORE_INDEX)
+    for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
+        trl_value = GKDTrainer.generalized_jsd_loss(student, teacher, labels=labels, beta=beta, temperature=temperature)
+        ours = mean_divergence(student, teacher, mask, loss="jsd", beta=beta, temperature=temperature)
+        assert ours.item() == pytest.approx(trl_value.item() * temperature**2, abs=1e-5), beta
+
+
+def test_alpha_one_is_cross_entropy(logits):
     student, teacher, mask = logits
     labels = torch.randint(0, V, (B, T))
     labels[~mask] = IGNORE_INDEX
-    parts = distillation_loss(student, labels, *make_teacher_targets(teacher, 8), mask, alpha=1.0)
+    parts = distillation_loss(student, labels, *make_targets(teacher, 8), mask, alpha=1.0)
     expected = F.cross_entropy(student[mask], labels[mask])
     assert parts.loss.item() == pytest.approx(expected.item(), abs=1e-6)
     assert parts.ce.item() == pytest.approx(expected.item(), abs=1e-6)
-    assert parts.kl.item() > 0
+    assert parts.divergence.item() > 0
 
 
-def test_distillation_alpha_zero_is_kl(logits):
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_alpha_zero_is_divergence(logits, loss):
     student, teacher, mask = logits
     labels = torch.randint(0, V, (B, T))
-    targets = make_teacher_targets(teacher, 8)
-    parts = distillation_loss(student, labels, *targets, mask, alpha=0.0)
-    assert parts.loss.item() == pytest.approx(topk_kl_loss(student, *targets, mask).item(), abs=1e-6)
+    targets = make_targets(teacher, 8)
+    parts = distillation_loss(student, labels, *targets, mask, alpha=0.0, loss=loss)
+    expected = topk_divergence(student, *targets, mask, loss=loss).mean()
+    assert parts.loss.item() == pytest.approx(expected.item(), abs=1e-6)
 
 
-def test_distillation_mixes_parts(logits):
+def test_alpha_mixes_parts(logits):
     student, teacher, mask = logits
     labels = torch.randint(0, V, (B, T))
     labels[~mask] = IGNORE_INDEX
-    parts = distillation_loss(student, labels, *make_teacher_targets(teacher, 8), mask, alpha=0.3)
-    assert parts.loss.item() == pytest.approx(0.3 * parts.ce.item() + 0.7 * parts.kl.item(), rel=1e-6)
+    parts = distillation_loss(student, labels, *make_targets(teacher, 8), mask, alpha=0.3)
+    assert parts.loss.item() == pytest.approx(0.3 * parts.ce.item() + 0.7 * parts.divergence.item(), rel=1e-6)
     with pytest.raises(ValueError, match="alpha"):
-        distillation_loss(student, labels, *make_teacher_targets(teacher, 8), mask, alpha=1.5)
+        distillation_loss(student, labels, *make_targets(teacher, 8), mask, alpha=1.5)
 
 
-def test_cross_entropy_all_ignored_is_zero(logits):
-    student, _, _ = logits
-    labels = torch.full((B, T), IGNORE_INDEX)
-    assert masked_cross_entropy(student, labels).item() == 0.0
+def test_num_items_in_batch_sums_to_full_batch(logits):
+    """Two halves normalised by the full batch's target count add up to the full batch's mean loss."""
+    student, teacher, mask = logits
+    labels = torch.randint(0, V, (B, T))
+    labels[~mask] = IGNORE_INDEX
+    ids, logprobs = make_targets(teacher, 8)
+    full = distillation_loss(student, labels, ids, logprobs, mask, alpha=0.4, loss="jsd")
+    total = int(mask.sum())
+    halves = [
+        distillation_loss(student[i : i + 1], labels[i : i + 1], ids[i : i + 1], logprobs[i : i + 1], mask[i : i + 1],
+                          alpha=0.4, loss="jsd", num_items_in_batch=torch.tensor(total))
+        for i in range(B)
+    ]
+    assert sum(half.loss.item() for half in halves) == pytest.approx(full.loss.item(), rel=1e-6)
+    assert [half.tokens for half in halves] == [3, 4]

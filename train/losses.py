@@ -1,9 +1,17 @@
-"""Knowledge-distillation losses against a teacher's stored top-k logits.
+"""Knowledge-distillation losses against a teacher's stored top-k log-probabilities.
 
 Shapes use B = batch, T = sequence positions, V = vocabulary size, k = stored top-k.
 All positional tensors are aligned with the student's logits: position t contains the target
 for the token at t + 1 (the usual causal-LM shift is already applied by the caller).
 Every loss is computed in fp32, whatever the input dtype (bf16 and fp16 logits are upcast).
+
+Divergences between the teacher distribution p and the student distribution q:
+    forward_kl  KL(p || q) = sum p (log p - log q)
+    reverse_kl  KL(q || p) = sum q (log q - log p)
+    jsd         beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q, for 0 < beta < 1;
+                beta = 0 is forward_kl and beta = 1 is reverse_kl. This is the convention of
+                trl.experimental.gkd.GKDTrainer.generalized_jsd_loss (trl 1.16).
+    tv          total variation, (1/2) sum |p - q|
 """
 
 from __future__ import annotations
@@ -15,123 +23,156 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "tv")
 
-# Floor for the student's tail probability, so log(q_tail) stays finite when the student
-# puts (numerically) all of its mass on the teacher's top-k ids.
-_MIN_TAIL_PROB = 1e-12
+# Stand-in for a probability of 0 inside a logarithm, so log p and log q stay finite when a
+# model gives a token a logit of -inf or the teacher's tail mass rounds to 0.
+_MIN_PROB = 1e-12
+_MIN_LOG_PROB = math.log(_MIN_PROB)
 
 
 @dataclass
 class DistillationLoss:
-    """Combined loss and its parts. `ce` and `kl` are detached, for logging."""
+    """Combined loss and its parts. `ce` and `divergence` are detached means over the masked positions."""
 
     loss: torch.Tensor
     ce: torch.Tensor
-    kl: torch.Tensor
+    divergence: torch.Tensor
+    tokens: int
 
 
-def topk_kl_loss(
+@dataclass
+class _Distributions:
+    """Teacher and student over the same classes: [N, C] probabilities and their floored logs."""
+
+    p: torch.Tensor
+    log_p: torch.Tensor
+    q: torch.Tensor
+    log_q: torch.Tensor
+
+
+def _topk_distributions(
+    student: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float
+) -> _Distributions:
+    """Build both distributions over the teacher's k ids, plus one tail class when k < V.
+
+    At temperature 1 the teacher's top-k probabilities are exact and the mass outside them is
+    the tail class, p_tail = 1 - sum p_i, compared with the student's mass outside the same ids.
+    At any other temperature the teacher's tail at that temperature is unknown, so both models
+    are restricted to the k ids and renormalised there. With k = V both cases are exact.
+    """
+    vocab_size = student.shape[-1]
+    has_tail = ids.shape[-1] < vocab_size
+    if temperature != 1.0 or not has_tail:
+        log_p = torch.log_softmax(teacher_logprobs / temperature, dim=-1)
+        if has_tail:
+            log_q = torch.log_softmax(student.gather(-1, ids) / temperature, dim=-1)
+        else:
+            log_q = torch.log_softmax(student / temperature, dim=-1).gather(-1, ids)
+        return _Distributions(log_p.exp(), _finite_log(log_p), log_q.exp(), _finite_log(log_q))
+
+    student_lse = torch.logsumexp(student, dim=-1, keepdim=True)
+    log_q_topk = student.gather(-1, ids) - student_lse
+    # The student's tail is a log-sum-exp over the other ids. Computing it this way avoids the
+    # cancellation in 1 - sum(q_i) when the top-k contains almost all of the mass.
+    outside = student.scatter(-1, ids, float("-inf"))
+    log_q_tail = torch.logsumexp(outside, dim=-1, keepdim=True) - student_lse
+    log_q = torch.cat([log_q_topk, log_q_tail], dim=-1)
+
+    p_topk = teacher_logprobs.exp()
+    # fp16 rounding of the stored values can push sum(p_i) slightly above 1.
+    p_tail = (1.0 - p_topk.sum(-1, keepdim=True)).clamp_min(0.0)
+    p = torch.cat([p_topk, p_tail], dim=-1)
+    log_p = torch.cat([teacher_logprobs, p_tail.clamp_min(_MIN_PROB).log()], dim=-1)
+    return _Distributions(p, _finite_log(log_p), log_q.exp(), _finite_log(log_q))
+
+
+def _finite_log(log_prob: torch.Tensor) -> torch.Tensor:
+    """Replace log(0) = -inf (a logit of -inf) by log(_MIN_PROB); keep every finite value exact."""
+    return torch.where(torch.isneginf(log_prob), torch.full_like(log_prob, _MIN_LOG_PROB), log_prob)
+
+
+def _kl(a: torch.Tensor, log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
+    """Return KL(a || b) per row; a class with a = 0 contributes 0 (0 log 0 = 0)."""
+    term = a * (log_a - log_b)
+    return torch.where(a > 0, term, torch.zeros_like(term)).sum(-1)
+
+
+def _divergence(dist: _Distributions, loss: str, beta: float) -> torch.Tensor:
+    """Return the per-row divergence `loss` between teacher p and student q."""
+    if loss == "forward_kl" or (loss == "jsd" and beta == 0.0):
+        return _kl(dist.p, dist.log_p, dist.log_q)
+    if loss == "reverse_kl" or (loss == "jsd" and beta == 1.0):
+        return _kl(dist.q, dist.log_q, dist.log_p)
+    if loss == "jsd":
+        log_m = torch.logaddexp(dist.log_p + math.log(beta), dist.log_q + math.log1p(-beta))
+        return beta * _kl(dist.p, dist.log_p, log_m) + (1.0 - beta) * _kl(dist.q, dist.log_q, log_m)
+    if loss == "tv":
+        return 0.5 * (dist.p - dist.q).abs().sum(-1)
+    raise ValueError(f"loss={loss!r} is not one of {LOSS_NAMES}")
+
+
+def check_loss_settings(loss: str, beta: float, temperature: float) -> None:
+    """Raise ValueError naming the bad value unless loss, beta and temperature are valid."""
+    if loss not in LOSS_NAMES:
+        raise ValueError(f"loss={loss!r} is not one of {LOSS_NAMES}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must be between 0 (forward KL) and 1 (reverse KL)")
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be positive")
+
+
+def topk_divergence(
     student_logits: torch.Tensor,
     teacher_ids: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    teacher_logsumexp: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
     temperature: float = 1.0,
 ) -> torch.Tensor:
-    """Compute forward KL(teacher || student), averaged over the positions where `mask` is True.
+    """Return the divergence `loss` at each masked-in position, as a 1-D fp32 tensor [N].
 
     Args:
         student_logits: [B, T, V] float, any dtype.
         teacher_ids: [B, T, k] int64, the teacher's top-k token ids at each position.
-        teacher_logits: [B, T, k] float, the teacher's logits for those ids.
-        teacher_logsumexp: [B, T] float, log-sum-exp of the teacher's logits over the full vocabulary.
+        teacher_logprobs: [B, T, k] float, the teacher's log-probabilities for those ids,
+            normalised over the full vocabulary (logit - logsumexp).
         mask: [B, T] bool, True where the position has a teacher target.
-        temperature: softmax temperature for both models.
+        loss: one of LOSS_NAMES (see the module docstring).
+        beta: the generalized JSD's mixture weight of the teacher; used only by "jsd".
+        temperature: softmax temperature for both models. The result is multiplied by
+            temperature**2, the usual factor that keeps gradient sizes comparable across
+            temperatures (trl's generalized_jsd_loss does not apply it).
 
-    At temperature 1 the teacher's probabilities are exact, p_i = exp(v_i - logsumexp). The
-    mass outside the top-k forms one tail class, p_tail = 1 - sum(p_i), compared with the
-    student's mass outside the same ids, q_tail. With k == V there is no tail and the result is
-    the full-vocabulary KL.
-
-    At any other temperature the teacher's full log-sum-exp at that temperature is unknown, so
-    the teacher's top-k logits are renormalised among themselves at the temperature (the tail
-    is dropped, as if it had probability 0). They are compared with the student's full-vocabulary
-    log-softmax at the temperature, gathered at the same ids, and the result is multiplied by
-    temperature**2 to keep gradient sizes comparable across temperatures. Because the student's
-    mass outside the top-k counts as error there, a high temperature with k much smaller than V
-    raises the loss rather than lowering it.
-
-    Returns a scalar tensor, 0 (with a gradient path) when no position is masked in.
+    Values are clamped at 0 per position, because fp16 rounding of the stored teacher values
+    can make a divergence slightly negative.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature={temperature} must be positive")
-    _check_target_shapes(student_logits, teacher_ids, teacher_logits, teacher_logsumexp, mask)
+    check_loss_settings(loss, beta, temperature)
+    _check_target_shapes(student_logits, teacher_ids, teacher_logprobs, mask)
     mask = mask.bool()
-    if not mask.any():
-        return student_logits.float().sum() * 0.0
-
     # Select the masked positions first, so the [N, V] fp32 work skips prompt and padding.
-    student = student_logits[mask].float()  # [N, V]
-    ids = teacher_ids[mask].long()  # [N, k]
-    teacher = teacher_logits[mask].float()  # [N, k]
-    vocab_size = student.shape[-1]
-    top_k = ids.shape[-1]
-
-    if temperature == 1.0:
-        per_position = _kl_with_tail(student, ids, teacher, teacher_logsumexp[mask].float(), top_k < vocab_size)
-    else:
-        log_p = torch.log_softmax(teacher / temperature, dim=-1)
-        log_q = torch.log_softmax(student / temperature, dim=-1).gather(-1, ids)
-        per_position = _cross_term(log_p, log_q).sum(-1) * temperature**2
-
-    # KL is non-negative, but rounding in fp16-stored teacher values can push it slightly below 0.
-    return per_position.clamp_min(0.0).mean()
-
-
-def _kl_with_tail(
-    student: torch.Tensor, ids: torch.Tensor, teacher: torch.Tensor, teacher_lse: torch.Tensor, has_tail: bool
-) -> torch.Tensor:
-    """Return KL(p || q) per position over the top-k ids plus one tail class; inputs are [N, ...] fp32."""
-    student_lse = torch.logsumexp(student, dim=-1, keepdim=True)
-    log_q = student.gather(-1, ids) - student_lse
-    log_p = teacher - teacher_lse.unsqueeze(-1)
-    p = log_p.exp()
-    per_position = _cross_term(log_p, log_q).sum(-1)
-    if not has_tail:
-        return per_position
-
-    p_tail = (1.0 - p.sum(-1)).clamp_min(0.0)
-    # The student's tail is the log-sum-exp over the ids not in the top-k. Computing it this way
-    # avoids the cancellation in 1 - sum(q_i) when the top-k contains almost all of the mass.
-    outside = student.scatter(-1, ids, float("-inf"))
-    log_q_tail = (torch.logsumexp(outside, dim=-1) - student_lse.squeeze(-1)).clamp_min(math.log(_MIN_TAIL_PROB))
-    # xlogy gives 0 * log(0) = 0 for a teacher with no tail mass.
-    tail = torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail
-    return per_position + tail
-
-
-def _cross_term(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Return p * (log p - log q) elementwise, with 0 where p == 0 (a teacher logit of -inf)."""
-    term = log_p.exp() * (log_p - log_q)
-    return torch.where(log_p == float("-inf"), torch.zeros_like(term), term)
+    student = student_logits[mask].float()
+    ids = teacher_ids[mask].long()
+    teacher = teacher_logprobs[mask].float()
+    if student.shape[0] == 0:
+        return student.sum(-1)
+    dist = _topk_distributions(student, ids, teacher, temperature)
+    return _divergence(dist, loss, beta).clamp_min(0.0) * temperature**2
 
 
 def _check_target_shapes(
-    student_logits: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    teacher_logsumexp: torch.Tensor,
-    mask: torch.Tensor,
+    student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor, mask: torch.Tensor
 ) -> None:
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must be [B, T, V]; got shape {tuple(student_logits.shape)}")
     batch_positions = tuple(student_logits.shape[:2])
-    if teacher_ids.shape != teacher_logits.shape or teacher_ids.dim() != 3:
+    if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.dim() != 3:
         raise ValueError(
-            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logits {tuple(teacher_logits.shape)} "
+            f"teacher_ids {tuple(teacher_ids.shape)} and teacher_logprobs {tuple(teacher_logprobs.shape)} "
             f"must both be [B, T, k]"
         )
-    for name, tensor in (("teacher_ids", teacher_ids), ("teacher_logsumexp", teacher_logsumexp), ("mask", mask)):
+    for name, tensor in (("teacher_ids", teacher_ids), ("mask", mask)):
         if tuple(tensor.shape[:2]) != batch_positions:
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)}, but student_logits is {tuple(student_logits.shape)}; "
@@ -143,39 +184,57 @@ def _check_target_shapes(
         )
 
 
-def masked_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Return the mean cross-entropy over positions whose label is not -100 (0 when there are none).
+def cross_entropy_per_position(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Return the cross-entropy at each position whose label is not -100, as a 1-D fp32 tensor.
 
     Args:
         student_logits: [B, T, V] float; position t predicts labels[:, t].
         labels: [B, T] int64 token ids, already shifted to align with the logits.
     """
     selected = labels != IGNORE_INDEX
-    if not selected.any():
-        return student_logits.float().sum() * 0.0
     # Select first, so the fp32 log-softmax runs only on the labelled positions.
-    return F.cross_entropy(student_logits[selected].float(), labels[selected].long())
+    return F.cross_entropy(student_logits[selected].float(), labels[selected].long(), reduction="none")
 
 
 def distillation_loss(
     student_logits: torch.Tensor,
     labels: torch.Tensor,
     teacher_ids: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    teacher_logsumexp: torch.Tensor,
+    teacher_logprobs: torch.Tensor,
     mask: torch.Tensor,
+    *,
     alpha: float = 0.5,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
     temperature: float = 1.0,
+    num_items_in_batch: int | torch.Tensor | None = None,
 ) -> DistillationLoss:
-    """Combine alpha * cross-entropy on `labels` with (1 - alpha) * topk_kl_loss.
+    """Combine alpha * cross-entropy on `labels` with (1 - alpha) * topk_divergence.
 
-    `labels` is [B, T], aligned with the logits like the teacher tensors (position t contains the
-    token at t + 1), with -100 where no cross-entropy applies. See topk_kl_loss for the other
-    arguments. Both parts are always computed so they can be logged, even at alpha 0 or 1.
+    `labels` is [B, T], aligned with the logits like the teacher tensors, with -100 where no
+    cross-entropy applies. See topk_divergence for the other arguments. Both parts are computed
+    even at alpha 0 or 1, so that they can be logged.
+
+    The loss is a sum over tokens divided by `num_items_in_batch`. Pass the count of target
+    tokens over all micro-batches of one optimizer step, and accumulated gradients equal those
+    of one large batch. None divides by this batch's own count (a mean over tokens).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1 (the weight of the cross-entropy term)")
-    ce = masked_cross_entropy(student_logits, labels)
-    kl = topk_kl_loss(student_logits, teacher_ids, teacher_logits, teacher_logsumexp, mask, temperature)
-    loss = alpha * ce + (1.0 - alpha) * kl
-    return DistillationLoss(loss=loss, ce=ce.detach(), kl=kl.detach())
+    ce = cross_entropy_per_position(student_logits, labels)
+    divergence = topk_divergence(student_logits, teacher_ids, teacher_logprobs, mask, loss, beta, temperature)
+    tokens = int(mask.sum())
+    if num_items_in_batch is None:
+        denominator = max(tokens, 1)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        denominator = num_items_in_batch.to(student_logits.device).clamp_min(1)
+    else:
+        denominator = max(num_items_in_batch, 1)
+    # Both sums keep a gradient path to the logits, of value 0, when no position is selected.
+    total = (alpha * ce.sum() + (1.0 - alpha) * divergence.sum()) / denominator
+    return DistillationLoss(
+        loss=total,
+        ce=ce.detach().mean() if ce.numel() else ce.detach().sum(),
+        divergence=divergence.detach().mean() if divergence.numel() else divergence.detach().sum(),
+        tokens=tokens,
+    )
