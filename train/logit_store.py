@@ -1,25 +1,28 @@
-"""On-disk store of a teacher's top-k logits per response token, for offline distillation.
+"""On-disk store of a teacher's top-k log-probabilities per response token, for offline distillation.
 
-Layout of a store folder:
-  manifest.json                 top_k, vocab_size, teacher_id, the shards and one entry per row
-  shard-00000.ids.npy           [tokens, k] top-k token ids (uint16 when vocab_size <= 65536, else int32)
-  shard-00000.logprobs.npy      [tokens, k] float16, the top-k log-probabilities (logit - logsumexp)
-  shard-00000.lse.npy           [tokens] float32, log-sum-exp of the logits over the full vocabulary
-  ...
+Layout version 2 of a store folder:
+  manifest.json                   layout, top_k, vocab_size, teacher_id, the teacher's tokenizer
+                                  fingerprint, the shards with their row keys, one entry per row
+  shard-RRR-NNNNN.npy             uint8 [tokens, bytes_per_token], written by process RRR
+  manifest-part-RRR.json          rows committed by process RRR and not yet merged into manifest.json
 
-Rows are identified by a key (the rollout stage uses "{id}/{sample}"). A row's tokens sit
-contiguously in its shard, at the offset the manifest gives. Token i of a row is the teacher's
-distribution for input_ids[response_start + i], taken from the logits at position
-response_start + i - 1.
+One token is one fixed-size record of bytes_per_token bytes:
+  * k entries of (id_bits + 15) bits each, bit-packed big-endian with numpy.packbits, then
+    zero-padded to a whole byte. id_bits = ceil(log2(vocab_size)), 16 for a vocabulary of
+    49,152. The 15 value bits are the teacher's -log p as float16 without its sign bit, which
+    is always 0 because log p <= 0.
+  * the log-sum-exp of the teacher's logits over the full vocabulary, float32 little-endian.
+At k = 32 and vocab_size 49,152: ceil(32 * 31 / 8) + 4 = 124 + 4 = 128 bytes per token.
 
-Values are stored as log-probabilities rather than raw logits because fp16 is most precise
-near 0, where the tokens with most of the teacher's mass are. The reader adds the fp32
-log-sum-exp back, so TeacherTargets.topk_logits are logits again.
+Rows are identified by a key ("{id}/{sample}" from the rollout stage). A row's tokens sit
+contiguously in one shard. Token i of a row is the teacher's distribution for
+input_ids[response_start + i], taken from the logits at position response_start + i - 1.
 
-The manifest is the commit point. Each shard's files are written under temporary names and
-renamed, and only then is the manifest rewritten (also atomically) to list the shard. A crash
-loses at most the rows not yet in a listed shard. Shard files that the manifest does not list
-are ignored and overwritten by the next writer. Only one writer may use a store at a time.
+Writes are crash-safe and allow one writer per process rank. A writer buffers rows and writes
+them as one shard under a temporary name, renames it, and only then rewrites its part manifest
+(also atomically), which is its commit point. A crash loses at most the rows not yet in a listed
+shard. close() (one process) or finalize_store() (process 0, after a barrier) merges the part
+manifests into manifest.json, which is all a reader reads.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -39,11 +43,11 @@ from edgelm.files import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+PART_PREFIX = "manifest-part-"
 FORMAT_NAME = "edgelm-logit-store"
-FORMAT_VERSION = 1
-ARRAY_SUFFIXES = ("ids", "logprobs", "lse")
-VALUE_DTYPE = np.float16
-LSE_DTYPE = np.float32
+FORMAT_VERSION = 2
+VALUE_BITS = 15
+LSE_BYTES = 4
 
 # Memory maps keep a file descriptor open, so only this many shards stay mapped at once.
 _MAX_OPEN_SHARDS = 64
@@ -54,8 +58,66 @@ def sequence_sha256(input_ids: Sequence[int] | np.ndarray) -> str:
     return hashlib.sha256(np.asarray(input_ids, dtype="<i4").tobytes()).hexdigest()
 
 
-def ids_dtype_for(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.int32)
+@dataclass(frozen=True)
+class PackedLayout:
+    """Bit layout of one token record: k (id, -log p) entries, then a float32 log-sum-exp."""
+
+    top_k: int
+    vocab_size: int
+
+    @property
+    def id_bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.vocab_size)))
+
+    @property
+    def entry_bits(self) -> int:
+        return self.id_bits + VALUE_BITS
+
+    @property
+    def packed_bytes(self) -> int:
+        return math.ceil(self.top_k * self.entry_bits / 8)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.packed_bytes + LSE_BYTES
+
+    def describe(self) -> dict:
+        return {
+            "id_bits": self.id_bits,
+            "value": "-logprob as float16 without the sign bit",
+            "value_bits": VALUE_BITS,
+            "lse": "float32 little-endian, last 4 bytes",
+            "bytes_per_token": self.bytes_per_token,
+        }
+
+    def pack(self, ids: np.ndarray, logprobs: np.ndarray, logsumexp: np.ndarray) -> np.ndarray:
+        """Return uint8 [n, bytes_per_token] records for ids [n, k], logprobs [n, k] and logsumexp [n]."""
+        n = ids.shape[0]
+        # Big-endian bytes, so unpackbits yields the most significant bit first.
+        id_bits = np.unpackbits(ids.astype(">u4").view(np.uint8).reshape(n, self.top_k, 4), axis=-1)
+        id_bits = id_bits[..., 32 - self.id_bits :]
+        # abs() turns -0.0 into 0.0, so the dropped sign bit is 0 for every value.
+        negated = np.abs(np.maximum(-logprobs, 0.0)).astype(">f2")
+        value_bits = np.unpackbits(negated.view(np.uint8).reshape(n, self.top_k, 2), axis=-1)[..., 1:]
+        entries = np.concatenate([id_bits, value_bits], axis=-1).reshape(n, self.top_k * self.entry_bits)
+        packed = np.packbits(entries, axis=-1)
+        lse = np.ascontiguousarray(logsumexp, dtype="<f4").view(np.uint8).reshape(n, LSE_BYTES)
+        return np.concatenate([packed, lse], axis=-1)
+
+    def unpack(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return (ids int64 [n, k], logprobs float32 [n, k], logsumexp float32 [n]) from records."""
+        n = records.shape[0]
+        records = np.ascontiguousarray(records)
+        bits = np.unpackbits(records[:, : self.packed_bytes], axis=-1, count=self.top_k * self.entry_bits)
+        bits = bits.reshape(n, self.top_k, self.entry_bits)
+        id_bits = np.zeros((n, self.top_k, 32), dtype=np.uint8)
+        id_bits[..., 32 - self.id_bits :] = bits[..., : self.id_bits]
+        ids = np.packbits(id_bits, axis=-1).view(">u4")[..., 0].astype(np.int64)
+        value_bits = np.zeros((n, self.top_k, 16), dtype=np.uint8)
+        value_bits[..., 1:] = bits[..., self.id_bits :]
+        logprobs = -np.packbits(value_bits, axis=-1).view(">f2")[..., 0].astype(np.float32)
+        logsumexp = records[:, self.packed_bytes :].copy().view("<f4")[:, 0].astype(np.float32)
+        return ids, logprobs, logsumexp
 
 
 @dataclass(frozen=True)
@@ -63,23 +125,43 @@ class TeacherTargets:
     """Teacher targets of one row, one entry per response token."""
 
     topk_ids: np.ndarray  # [n, k] int64
-    topk_logits: np.ndarray  # [n, k] float32
+    topk_logprobs: np.ndarray  # [n, k] float32, log p over the full vocabulary
     logsumexp: np.ndarray  # [n] float32
     response_start: int
     input_ids_sha256: str
+
+    @property
+    def topk_logits(self) -> np.ndarray:
+        """The teacher's logits for topk_ids, rebuilt as log p + log-sum-exp."""
+        return self.topk_logprobs + self.logsumexp[:, None]
 
     @property
     def num_tokens(self) -> int:
         return int(self.logsumexp.shape[0])
 
 
+def _header(top_k: int, vocab_size: int, teacher_id: str, tokenizer: dict | None) -> dict:
+    return {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "top_k": top_k,
+        "vocab_size": vocab_size,
+        "teacher_id": teacher_id,
+        "tokenizer": tokenizer,
+        "layout": PackedLayout(top_k, vocab_size).describe(),
+    }
+
+
 class LogitStoreWriter:
     """Append rows of teacher targets to a store, resuming an existing one.
 
     Rows are buffered and written as one shard every `rows_per_shard` rows. Call close(), or
-    use the writer as a context manager, to write the last, partial shard. Opening a folder that
-    already contains a store checks that top_k, vocab_size and teacher_id match. Then add()
-    skips the rows that are already stored.
+    use the writer as a context manager, to write the last, partial shard. With world_size 1,
+    close() also merges the part manifest into manifest.json. With more processes, each rank
+    opens its own writer and process 0 calls finalize_store() after a barrier.
+
+    Opening a folder that already contains rows checks that top_k, vocab_size and teacher_id
+    match. Then add() skips the rows that any process already committed.
     """
 
     def __init__(
@@ -89,6 +171,10 @@ class LogitStoreWriter:
         vocab_size: int,
         teacher_id: str,
         rows_per_shard: int = 256,
+        *,
+        tokenizer: dict | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         if top_k < 1 or top_k > vocab_size:
             raise ValueError(f"top_k={top_k} must be between 1 and vocab_size={vocab_size}")
@@ -99,32 +185,31 @@ class LogitStoreWriter:
         self.vocab_size = vocab_size
         self.teacher_id = teacher_id
         self.rows_per_shard = rows_per_shard
-        self._ids_dtype = ids_dtype_for(vocab_size)
-        self._pending: list[tuple[str, dict, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.rank = rank
+        self.world_size = world_size
+        self.layout = PackedLayout(top_k, vocab_size)
+        self._pending: list[tuple[str, dict, np.ndarray]] = []
         self._pending_keys: dict[str, str] = {}
 
-        manifest_path = self.out_dir / MANIFEST_NAME
-        if manifest_path.is_file():
-            self._manifest = _read_manifest(manifest_path)
-            self._check_compatible()
-            log.info("resuming logit store %s with %d rows", self.out_dir, len(self._manifest["rows"]))
-        else:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            self._manifest = {
-                "format": FORMAT_NAME,
-                "version": FORMAT_VERSION,
-                "top_k": top_k,
-                "vocab_size": vocab_size,
-                "teacher_id": teacher_id,
-                "ids_dtype": self._ids_dtype.name,
-                "values": "logprob-float16",
-                "shards": [],
-                "rows": {},
-            }
+        self.out_dir.mkdir(parents=True, exist_ok=True)
         self._remove_stale_temp_files()
+        committed = _read_committed(self.out_dir)
+        for header in committed.headers:
+            self._check_compatible(header)
+        self._stored_rows: dict[str, dict] = committed.rows
+        self._shard_names = {shard["name"] for shard in committed.shards}
+        part_path = self._part_path()
+        self._part = _read_json(part_path) if part_path.is_file() else {
+            **_header(top_k, vocab_size, teacher_id, tokenizer), "shards": [], "rows": {},
+        }
+        if self._stored_rows:
+            log.info("resuming logit store %s with %d rows", self.out_dir, len(self._stored_rows))
 
-    def _check_compatible(self) -> None:
-        stored = {name: self._manifest[name] for name in ("top_k", "vocab_size", "teacher_id")}
+    def _part_path(self) -> Path:
+        return self.out_dir / f"{PART_PREFIX}{self.rank:03d}.json"
+
+    def _check_compatible(self, header: dict) -> None:
+        stored = {name: header.get(name) for name in ("top_k", "vocab_size", "teacher_id")}
         requested = {"top_k": self.top_k, "vocab_size": self.vocab_size, "teacher_id": self.teacher_id}
         if stored != requested:
             raise ValueError(
@@ -133,17 +218,20 @@ class LogitStoreWriter:
             )
 
     def _remove_stale_temp_files(self) -> None:
-        # Temporary files from a writer that was killed mid-shard; atomic_path names them ".NAME.*.tmp".
-        for stale in self.out_dir.glob(".shard-*.tmp"):
-            log.info("removing temporary file %s left by an interrupted writer", stale)
-            stale.unlink(missing_ok=True)
+        # Temporary files from a killed writer of this rank; atomic_path names them ".NAME.*.tmp".
+        # Other ranks' temporary files may belong to writers that are running now.
+        patterns = (f".shard-{self.rank:03d}-*.tmp", f".{PART_PREFIX}{self.rank:03d}.json.*.tmp")
+        for pattern in patterns:
+            for stale in self.out_dir.glob(pattern):
+                log.info("removing temporary file %s left by an interrupted writer", stale)
+                stale.unlink(missing_ok=True)
 
     def __contains__(self, key: str) -> bool:
-        return key in self._manifest["rows"] or key in self._pending_keys
+        return key in self._stored_rows or key in self._pending_keys
 
     def is_stored(self, key: str, input_ids: Sequence[int] | np.ndarray) -> bool:
         """Return whether `key` is stored or buffered; raise ValueError if it was scored from other input_ids."""
-        stored_sha = self._manifest["rows"].get(key, {}).get("input_ids_sha256") or self._pending_keys.get(key)
+        stored_sha = self._stored_rows.get(key, {}).get("input_ids_sha256") or self._pending_keys.get(key)
         if stored_sha is None:
             return False
         sha = sequence_sha256(input_ids)
@@ -157,7 +245,7 @@ class LogitStoreWriter:
         input_ids: Sequence[int] | np.ndarray,
         response_start: int,
         topk_ids: np.ndarray,
-        topk_logits: np.ndarray,
+        topk_logprobs: np.ndarray,
         logsumexp: np.ndarray,
     ) -> bool:
         """Buffer one row's targets; return False (and store nothing) if the row is already stored.
@@ -167,20 +255,19 @@ class LogitStoreWriter:
             input_ids: the full sequence, prompt and response.
             response_start: index of the first response token in input_ids (at least 1).
             topk_ids: [n, k] top-k token ids, n = len(input_ids) - response_start.
-            topk_logits: [n, k] the teacher's logits for those ids.
+            topk_logprobs: [n, k] the teacher's log-probabilities (logit - logsumexp) for those ids.
             logsumexp: [n] log-sum-exp of the teacher's logits over the full vocabulary.
         """
         if self.is_stored(key, input_ids):
             return False
         topk_ids = np.asarray(topk_ids)
-        topk_logits = np.asarray(topk_logits, dtype=np.float32)
+        topk_logprobs = np.asarray(topk_logprobs, dtype=np.float32)
         logsumexp = np.asarray(logsumexp, dtype=np.float32)
-        self._check_row(key, len(input_ids), response_start, topk_ids, topk_logits, logsumexp)
+        self._check_row(key, len(input_ids), response_start, topk_ids, topk_logprobs, logsumexp)
 
         sha = sequence_sha256(input_ids)
         entry = {"response_start": int(response_start), "tokens": int(logsumexp.shape[0]), "input_ids_sha256": sha}
-        logprobs = (topk_logits - logsumexp[:, None]).astype(VALUE_DTYPE)
-        self._pending.append((key, entry, topk_ids.astype(self._ids_dtype), logprobs, logsumexp.astype(LSE_DTYPE)))
+        self._pending.append((key, entry, self.layout.pack(topk_ids, topk_logprobs, logsumexp)))
         self._pending_keys[key] = sha
         if len(self._pending) >= self.rows_per_shard:
             self.flush()
@@ -192,7 +279,7 @@ class LogitStoreWriter:
         length: int,
         response_start: int,
         topk_ids: np.ndarray,
-        topk_logits: np.ndarray,
+        topk_logprobs: np.ndarray,
         logsumexp: np.ndarray,
     ) -> None:
         num_tokens = length - response_start
@@ -202,10 +289,10 @@ class LogitStoreWriter:
                 f"sequence length {length}, so the row has a prompt token and at least one response token"
             )
         expected = (num_tokens, self.top_k)
-        if topk_ids.shape != expected or topk_logits.shape != expected or logsumexp.shape != (num_tokens,):
+        if topk_ids.shape != expected or topk_logprobs.shape != expected or logsumexp.shape != (num_tokens,):
             raise ValueError(
-                f"row {key}: expected topk_ids and topk_logits of shape {expected} and logsumexp of shape "
-                f"({num_tokens},) for {num_tokens} response tokens; got {topk_ids.shape}, {topk_logits.shape} "
+                f"row {key}: expected topk_ids and topk_logprobs of shape {expected} and logsumexp of shape "
+                f"({num_tokens},) for {num_tokens} response tokens; got {topk_ids.shape}, {topk_logprobs.shape} "
                 f"and {logsumexp.shape}"
             )
         if topk_ids.min() < 0 or topk_ids.max() >= self.vocab_size:
@@ -213,47 +300,111 @@ class LogitStoreWriter:
                 f"row {key}: top-k ids range from {topk_ids.min()} to {topk_ids.max()}, "
                 f"outside the vocabulary [0, {self.vocab_size})"
             )
+        if np.isnan(topk_logprobs).any() or np.isnan(logsumexp).any():
+            raise ValueError(f"row {key}: the teacher's log-probabilities contain NaN; check the teacher's logits")
+        if (topk_logprobs > 1e-3).any():
+            raise ValueError(
+                f"row {key}: log-probabilities up to {topk_logprobs.max():.4g} are above 0; pass logit - logsumexp, "
+                f"not raw logits"
+            )
 
     def flush(self) -> None:
-        """Write the buffered rows as one shard, then list it in the manifest."""
+        """Write the buffered rows as one shard, then list it in this rank's part manifest."""
         if not self._pending:
             return
-        shards = self._manifest["shards"]
-        index = max((shard["index"] for shard in shards), default=-1) + 1
-        name = f"shard-{index:05d}"
-        keys = [key for key, *_ in self._pending]
-        arrays = {
-            "ids": np.concatenate([ids for _, _, ids, _, _ in self._pending]),
-            "logprobs": np.concatenate([values for _, _, _, values, _ in self._pending]),
-            "lse": np.concatenate([lse for *_, lse in self._pending]),
-        }
-        for suffix, array in arrays.items():
-            with atomic_path(self.out_dir / f"{name}.{suffix}.npy") as tmp, open(tmp, "wb") as f:
-                np.save(f, array)
+        name = self._next_shard_name()
+        records = np.concatenate([packed for *_, packed in self._pending])
+        with atomic_path(self.out_dir / f"{name}.npy") as tmp, open(tmp, "wb") as f:
+            np.save(f, records)
 
         offset = 0
-        for key, entry, *_ in self._pending:
-            self._manifest["rows"][key] = {"shard": index, "offset": offset, **entry}
+        keys = []
+        for key, entry, _ in self._pending:
+            row = {"shard": name, "offset": offset, **entry}
+            self._part["rows"][key] = row
+            self._stored_rows[key] = row
+            keys.append(key)
             offset += entry["tokens"]
-        shards.append({"index": index, "name": name, "tokens": offset, "keys": keys})
-        write_json(self.out_dir / MANIFEST_NAME, self._manifest)
+        self._part["shards"].append({"name": name, "tokens": offset, "keys": keys})
+        self._shard_names.add(name)
+        write_json(self._part_path(), self._part)
         log.debug("wrote %s with %d rows, %d tokens", name, len(keys), offset)
         self._pending.clear()
         self._pending_keys.clear()
 
+    def _next_shard_name(self) -> str:
+        prefix = f"shard-{self.rank:03d}-"
+        used = [int(name[len(prefix) :]) for name in self._shard_names if name.startswith(prefix)]
+        return f"{prefix}{max(used, default=-1) + 1:05d}"
+
     def close(self) -> None:
         self.flush()
+        if self.world_size == 1:
+            finalize_store(self.out_dir)
 
     def __enter__(self) -> LogitStoreWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # Buffered rows are complete, so they are worth keeping even when scoring failed later.
-        self.close()
+        self.flush()
+        if exc_type is None and self.world_size == 1:
+            finalize_store(self.out_dir)
+
+
+@dataclass
+class _Committed:
+    headers: list[dict]
+    shards: list[dict]
+    rows: dict[str, dict]
+
+
+def _read_committed(out_dir: Path) -> _Committed:
+    """Return the headers, shards and rows of manifest.json and of every part manifest."""
+    manifests = []
+    if (out_dir / MANIFEST_NAME).is_file():
+        manifests.append(_read_manifest(out_dir / MANIFEST_NAME))
+    manifests += [_read_manifest(path) for path in sorted(out_dir.glob(f"{PART_PREFIX}*.json"))]
+    committed = _Committed([], [], {})
+    for manifest in manifests:
+        committed.headers.append({key: value for key, value in manifest.items() if key not in ("shards", "rows")})
+        committed.shards += manifest["shards"]
+        committed.rows.update(manifest["rows"])
+    return committed
+
+
+def finalize_store(out_dir: str | Path) -> int:
+    """Merge every part manifest into manifest.json, delete the parts, and return the row count.
+
+    Call it from one process, after every writer has closed (under `accelerate launch`: process
+    0, after a barrier). Calling it again without new parts changes nothing.
+    """
+    out_dir = Path(out_dir)
+    parts = sorted(out_dir.glob(f"{PART_PREFIX}*.json"))
+    manifest_path = out_dir / MANIFEST_NAME
+    if not parts:
+        return len(_read_manifest(manifest_path)["rows"]) if manifest_path.is_file() else 0
+    committed = _read_committed(out_dir)
+    header = committed.headers[0]
+    merged = {**header, "shards": [], "rows": {}}
+    # Later manifests win, so a row scored again (only possible after a crash between a shard's
+    # rename and its listing) points to one shard, and every listed shard keeps a row.
+    merged["rows"] = committed.rows
+    names_in_use = {row["shard"] for row in committed.rows.values()}
+    seen = set()
+    for shard in committed.shards:
+        if shard["name"] in names_in_use and shard["name"] not in seen:
+            merged["shards"].append(shard)
+            seen.add(shard["name"])
+    write_json(manifest_path, merged)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    log.info("logit store %s: %d rows in %d shards", out_dir, len(merged["rows"]), len(merged["shards"]))
+    return len(merged["rows"])
 
 
 class LogitStore:
-    """Read-only view of a logit store written by LogitStoreWriter; shards are memory-mapped."""
+    """Read-only view of a finalized logit store; shards are memory-mapped."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -261,11 +412,11 @@ class LogitStore:
         if not manifest_path.is_file():
             raise FileNotFoundError(
                 f"no logit store at {self.path}: {MANIFEST_NAME} not found; score the rows first "
-                f"(edgelm.train.score.score_rows)"
+                f"(`edgelm score`, or the pipeline's score stage)"
             )
         self._manifest = _read_manifest(manifest_path)
-        self._shard_names = {shard["index"]: shard["name"] for shard in self._manifest["shards"]}
-        self._open_shards: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+        self.layout = PackedLayout(self.top_k, self.vocab_size)
+        self._open_shards: OrderedDict[str, np.ndarray] = OrderedDict()
 
     @property
     def top_k(self) -> int:
@@ -279,6 +430,11 @@ class LogitStore:
     def teacher_id(self) -> str:
         return str(self._manifest["teacher_id"])
 
+    @property
+    def tokenizer(self) -> dict | None:
+        """The teacher tokenizer's fingerprint (edgelm.train.preflight), or None when scoring had none."""
+        return self._manifest.get("tokenizer")
+
     def keys(self) -> list[str]:
         return list(self._manifest["rows"])
 
@@ -291,35 +447,40 @@ class LogitStore:
     def num_tokens(self) -> int:
         return sum(int(shard["tokens"]) for shard in self._manifest["shards"])
 
+    def shard_keys(self) -> dict[str, list[str]]:
+        """Return each shard's name and the keys of the rows it contains."""
+        return {shard["name"]: list(shard["keys"]) for shard in self._manifest["shards"]}
+
     def _row(self, key: str) -> dict:
         try:
             return self._manifest["rows"][key]
         except KeyError:
-            raise KeyError(
-                f"row {key!r} is not in logit store {self.path}; score it first (edgelm.train.score.score_rows)"
-            ) from None
+            raise KeyError(f"row {key!r} is not in logit store {self.path}; score it first") from None
 
-    def _shard_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if index in self._open_shards:
-            self._open_shards.move_to_end(index)
-            return self._open_shards[index]
-        name = self._shard_names[index]
-        arrays = tuple(np.load(self.path / f"{name}.{suffix}.npy", mmap_mode="r") for suffix in ARRAY_SUFFIXES)
-        self._open_shards[index] = arrays
+    def _shard_records(self, name: str) -> np.ndarray:
+        if name in self._open_shards:
+            self._open_shards.move_to_end(name)
+            return self._open_shards[name]
+        records = np.load(self.path / f"{name}.npy", mmap_mode="r")
+        if records.ndim != 2 or records.shape[1] != self.layout.bytes_per_token:
+            raise ValueError(
+                f"{self.path / name}.npy has shape {records.shape}, expected [tokens, {self.layout.bytes_per_token}]; "
+                f"the store is damaged, so rerun scoring (`--from score`)"
+            )
+        self._open_shards[name] = records
         if len(self._open_shards) > _MAX_OPEN_SHARDS:
             self._open_shards.popitem(last=False)
-        return arrays
+        return records
 
     def get(self, key: str) -> TeacherTargets:
-        """Return one row's targets as in-memory arrays (ids int64, logits and log-sum-exp fp32)."""
+        """Return one row's targets as in-memory arrays (ids int64, log-probabilities and log-sum-exp fp32)."""
         row = self._row(key)
-        ids, logprobs, lse = self._shard_arrays(row["shard"])
-        rows = slice(row["offset"], row["offset"] + row["tokens"])
-        row_lse = np.array(lse[rows], dtype=np.float32)
+        records = self._shard_records(row["shard"])[row["offset"] : row["offset"] + row["tokens"]]
+        ids, logprobs, logsumexp = self.layout.unpack(records)
         return TeacherTargets(
-            topk_ids=np.array(ids[rows], dtype=np.int64),
-            topk_logits=np.array(logprobs[rows], dtype=np.float32) + row_lse[:, None],
-            logsumexp=row_lse,
+            topk_ids=ids,
+            topk_logprobs=logprobs,
+            logsumexp=logsumexp,
             response_start=int(row["response_start"]),
             input_ids_sha256=row["input_ids_sha256"],
         )
@@ -332,25 +493,30 @@ class LogitStore:
             raise ValueError(_mismatch_message(key, sha, stored_sha, self.path))
 
     def bytes_per_token(self) -> int:
-        """Return the array bytes stored per response token (ids, values and log-sum-exp; no file headers)."""
-        ids_bytes = np.dtype(self._manifest["ids_dtype"]).itemsize
-        return self.top_k * (ids_bytes + np.dtype(VALUE_DTYPE).itemsize) + np.dtype(LSE_DTYPE).itemsize
+        """Return the shard bytes stored per response token (no .npy header or manifest)."""
+        return self.layout.bytes_per_token
 
     def disk_bytes(self) -> int:
         """Return the size of the manifest and of every shard file it lists."""
         files = [self.path / MANIFEST_NAME]
-        for name in self._shard_names.values():
-            files += [self.path / f"{name}.{suffix}.npy" for suffix in ARRAY_SUFFIXES]
+        files += [self.path / f"{shard['name']}.npy" for shard in self._manifest["shards"]]
         return sum(path.stat().st_size for path in files)
 
 
-def _read_manifest(path: Path) -> dict:
+def _read_json(path: Path) -> dict:
     with open(path, encoding="utf-8") as f:
-        manifest = json.load(f)
-    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
+        return json.load(f)
+
+
+def _read_manifest(path: Path) -> dict:
+    manifest = _read_json(path)
+    if manifest.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not an {FORMAT_NAME} manifest (format={manifest.get('format')!r})")
+    if manifest.get("version") != FORMAT_VERSION:
         raise ValueError(
-            f"{path} is not a version-{FORMAT_VERSION} {FORMAT_NAME} manifest "
-            f"(format={manifest.get('format')!r}, version={manifest.get('version')!r}); re-score into a new folder"
+            f"logit store {path.parent} uses layout version {manifest.get('version')!r}, but this edgelm reads "
+            f"version {FORMAT_VERSION} (bit-packed, 128 bytes per token at k=32); rerun scoring with "
+            f"`edgelm pipeline CONFIG --from score`, or delete the folder and run `edgelm score` again"
         )
     return manifest
 
@@ -358,5 +524,6 @@ def _read_manifest(path: Path) -> dict:
 def _mismatch_message(key: str, sha: str, stored_sha: str, store_path: Path) -> str:
     return (
         f"row {key}: input_ids sha256 {sha} does not match the sha256 {stored_sha} stored in logit store "
-        f"{store_path}; the rows changed since they were scored, so re-score them into a new store folder"
+        f"{store_path}; the rows changed since they were scored, so rerun scoring (`--from score`) "
+        f"or score into a new store folder"
     )
