@@ -48,22 +48,70 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, record: dict, mode: str) -> l
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_example(tokenizer: PreTrainedTokenizerBase, record: dict, mode: str, max_length: int) -> dict | None:
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def has_generation_markers(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Return whether the chat template marks assistant text with `{% generation %}` blocks."""
+    return bool(tokenizer.chat_template and GENERATION_MARKER.search(tokenizer.chat_template))
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase,
+    record: dict,
+    mode: str,
+    max_length: int,
+    *,
+    truncate: bool = False,
+) -> dict | None:
     """Encode prompt + target + end-of-turn; labels are -100 everywhere but the assistant tokens.
 
-    The prompt and the reply are tokenized apart and concatenated, which is exactly what the
-    model sees at generation time, so the boundary between masked and trained tokens is exact.
-    Returns None when the example does not fit in `max_length` tokens.
+    Templates with `{% generation %}` blocks mark the assistant tokens themselves
+    (`encode_with_template_mask`). For other templates the prompt and the reply are tokenized
+    apart and concatenated, which is exactly what the model sees at generation time, so the
+    boundary between masked and trained tokens is exact. Either way the end-of-turn token is
+    trained and nothing after it is kept.
+
+    An example longer than `max_length` returns None, or with `truncate=True` is cut to
+    `max_length` tokens and gets `"truncated": True`.
     """
-    prompt = prompt_ids(tokenizer, record, mode)
-    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
-    reply = tokenizer(target_text(record, mode), add_special_tokens=False)["input_ids"] + [eot_id]
-    if len(prompt) + len(reply) > max_length:
+    if has_generation_markers(tokenizer):
+        input_ids, labels = encode_with_template_mask(tokenizer, record, mode)
+    else:
+        prompt = prompt_ids(tokenizer, record, mode)
+        eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+        reply = tokenizer(target_text(record, mode), add_special_tokens=False)["input_ids"] + [eot_id]
+        input_ids, labels = prompt + reply, [IGNORE_INDEX] * len(prompt) + reply
+    if len(input_ids) <= max_length:
+        return {"input_ids": input_ids, "labels": labels}
+    if not truncate:
         return None
-    return {
-        "input_ids": prompt + reply,
-        "labels": [IGNORE_INDEX] * len(prompt) + reply,
-    }
+    return {"input_ids": input_ids[:max_length], "labels": labels[:max_length], "truncated": True}
+
+
+def encode_with_template_mask(tokenizer: PreTrainedTokenizerBase, record: dict, mode: str) -> tuple[list[int], list[int]]:
+    """Return (input_ids, labels) of the whole conversation, labels taken from the template's generation mask.
+
+    Templates differ on whether the end-of-turn token sits inside the `{% generation %}` block,
+    so the end-of-turn token that closes the reply is trained whether it is inside the block or
+    right after it. The sequence ends there: later tokens (a newline, say) are never generated.
+    """
+    messages = prompt_messages(record, mode) + [{"role": "assistant", "content": target_text(record, mode)}]
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    input_ids = list(encoded["input_ids"])
+    mask = list(encoded["assistant_masks"])
+    trained = [i for i, flag in enumerate(mask) if flag]
+    if not trained:
+        return input_ids, [IGNORE_INDEX] * len(input_ids)
+    eot_id = tokenizer.convert_tokens_to_ids(end_of_turn_token(tokenizer))
+    end = trained[-1] + 1
+    closing = next((i for i in range(trained[0], len(input_ids)) if input_ids[i] == eot_id), None)
+    if closing is not None and closing <= end:
+        mask[closing] = 1
+        end = closing + 1
+    input_ids = input_ids[:end]
+    labels = [token if mask[i] else IGNORE_INDEX for i, token in enumerate(input_ids)]
+    return input_ids, labels
 
 
 def extract_answer(text: str) -> str | None:

@@ -1,52 +1,202 @@
-"""Curriculum supervised fine-tuning: one stage = one answer mode, examples ordered easy to hard.
+"""Curriculum supervised fine-tuning: one stage = one answer mode, examples paced easy to hard.
 
 The default pipeline runs two stages: first on reasoning targets (steps, then the answer), then on
-fast targets (the answer alone). Loss is computed on the assistant tokens only, end-of-turn
-token included (see `edgelm.train.chat.encode_example`).
+fast targets (the answer alone). A stage:
+
+1. encodes its records (loss on the assistant tokens only, end-of-turn token included, see
+   `edgelm.train.chat.encode_example`) and writes a mask report before training;
+2. scores every example's difficulty (`edgelm.train.difficulty`);
+3. optionally packs examples into rows (`edgelm.train.packing`);
+4. trains with a `CurriculumSampler` (`edgelm.train.curriculum`), whose data order is a pure
+   function of (seed, scores, epoch), and saves checkpoints, so that a rerun with `resume=True`
+   continues exactly where the interrupted run stopped.
+
+Stage folder while training:
+    mask_report.json        the pre-flight mask report
+    sft_state.json          fingerprint of the stage's inputs and settings; checkpoints of other
+                            inputs are discarded
+    difficulty/epoch-N.json scores used in epoch N (only epoch 0 unless the scorer is self-paced)
+    checkpoints/            Trainer checkpoints
+When the stage finishes, the folder is replaced by the final model and mask_report.json.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
-import tempfile
+import random
+import shutil
+import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
-from transformers import PrinterCallback
+from transformers import PrinterCallback, TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
 
-from edgelm.train.chat import encode_example
-from edgelm.train.curriculum import curriculum_order, shuffled_order
+from edgelm.files import write_json
+from edgelm.train.chat import IGNORE_INDEX, check_mode, encode_example, has_generation_markers
+from edgelm.train.curriculum import PACINGS, CurriculumSampler
+from edgelm.train.difficulty import ScoringContext, get_scorer
 from edgelm.train.models import load_model, save_model
+from edgelm.train.packing import collate_packed, pack_examples
 from edgelm.train.trainer_setup import AnswerLossTrainer, ProgressLine, pad_batch, training_arguments
 
 log = logging.getLogger(__name__)
 
+SFT_MODES = ("reasoning", "fast", "mixed")
+MASK_REPORT = "mask_report.json"
+STATE_FILE = "sft_state.json"
 
-def build_sft_examples(tokenizer, records: list[dict], mode: str, max_length: int, curriculum: bool, seed: int) -> tuple[list[dict], dict]:
-    """Encode records in `mode` and order them; return the examples and mask statistics."""
-    encoded, difficulties, too_long = [], [], 0
-    for record in records:
-        example = encode_example(tokenizer, record, mode, max_length)
+
+def record_modes(count: int, mode: str, fast_ratio: float, seed: int) -> list[str]:
+    """Return the answer mode of each record; 'mixed' makes round(fast_ratio * count) seeded picks fast."""
+    if mode != "mixed":
+        return [check_mode(mode)] * count
+    if not 0 <= fast_ratio <= 1:
+        raise ValueError(f"fast_ratio must be in [0, 1], got {fast_ratio}")
+    fast = set(random.Random(seed).sample(range(count), round(fast_ratio * count)))
+    return ["fast" if index in fast else "reasoning" for index in range(count)]
+
+
+def encode_records(
+    tokenizer, records: list[dict], modes: list[str], max_length: int, overlong: str = "skip"
+) -> tuple[list[int], list[dict], dict]:
+    """Encode records for training; return (kept record indices, their examples, mask report).
+
+    `overlong` is 'skip' (drop examples longer than max_length) or 'truncate' (cut them).
+    Examples without a trainable token are dropped. The report counts records, skipped,
+    truncated and empty examples, and trained tokens per example (min/median/max).
+    """
+    if overlong not in ("skip", "truncate"):
+        raise ValueError(f"overlong must be 'skip' or 'truncate', got {overlong!r}")
+    kept, examples, trained_counts = [], [], []
+    skipped = truncated = empty = 0
+    for index, (record, mode) in enumerate(zip(records, modes)):
+        example = encode_example(tokenizer, record, mode, max_length, truncate=overlong == "truncate")
         if example is None:
-            too_long += 1
+            skipped += 1
             continue
-        encoded.append(example)
-        difficulties.append(record["difficulty"])
-    if not encoded:
-        raise ValueError(f"no {mode} example fits in max_length={max_length} tokens; raise sft.max_length")
-    order = curriculum_order(difficulties, seed) if curriculum else shuffled_order(len(encoded), seed)
-    examples = [encoded[i] for i in order]
-    trained_tokens = sum(sum(label != -100 for label in example["labels"]) for example in examples)
-    stats = {
+        # The first token has no logits before it, so it can never be trained.
+        trained = sum(label != IGNORE_INDEX for label in example["labels"][1:])
+        if trained == 0:
+            empty += 1
+            continue
+        truncated += bool(example.get("truncated"))
+        kept.append(index)
+        examples.append(example)
+        trained_counts.append(trained)
+
+    report = {
+        "records": len(records),
         "examples": len(examples),
-        "skipped_too_long": too_long,
+        "mask_source": "template generation markers" if has_generation_markers(tokenizer) else "prompt prefix",
+        "modes": dict(Counter(modes[index] for index in kept)),
+        "max_length": max_length,
+        "overlong": overlong,
+        "skipped_too_long": skipped,
+        "truncated": truncated,
+        "no_trainable_tokens": empty,
         "tokens": sum(len(example["input_ids"]) for example in examples),
-        "trained_tokens": trained_tokens,
+        "trained_tokens": sum(trained_counts),
+        "trained_tokens_per_example": {
+            "min": min(trained_counts, default=0),
+            "median": statistics.median(trained_counts) if trained_counts else 0,
+            "max": max(trained_counts, default=0),
+        },
     }
-    if too_long:
-        log.warning("%d of %d %s examples exceed max_length=%d and were skipped", too_long, len(records), mode, max_length)
-    return examples, stats
+    return kept, examples, report
+
+
+def log_mask_report(stage_name: str, report: dict) -> None:
+    per_example = report["trained_tokens_per_example"]
+    log.info(
+        "%s mask report: %d of %d records kept (%s), %d tokens, %d trained; trained per example min %d / median %s / max %d; "
+        "%d skipped for max_length=%d, %d truncated, %d without a trainable token; mask from the %s",
+        stage_name, report["examples"], report["records"], report["modes"], report["tokens"], report["trained_tokens"],
+        per_example["min"], per_example["median"], per_example["max"], report["skipped_too_long"], report["max_length"],
+        report["truncated"], report["no_trainable_tokens"], report["mask_source"],
+    )
+    if report["skipped_too_long"] or report["truncated"]:
+        log.warning("%s: %d examples exceed max_length=%d (%d skipped, %d truncated); raise sft.max_length to keep them whole",
+                    stage_name, report["skipped_too_long"] + report["truncated"], report["max_length"],
+                    report["skipped_too_long"], report["truncated"])
+
+
+def check_trainable(report: dict) -> None:
+    if report["trained_tokens"] == 0:
+        raise ValueError(
+            f"no trainable token in {report['records']} records: {report['skipped_too_long']} exceed "
+            f"max_length={report['max_length']} and {report['no_trainable_tokens']} have an empty assistant mask; "
+            f"raise sft.max_length, set sft.overlong=truncate, or check that the chat template marks the assistant reply"
+        )
+
+
+def source_identity(model_source: str) -> dict:
+    """Return sizes and modification times of the model source's files, to detect a changed input model."""
+    path = Path(model_source)
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    return {"source": model_source, "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+
+def prepare_stage_dir(out_dir: Path, fingerprint: str, resume: bool) -> bool:
+    """Keep the stage folder's checkpoints only when resuming with the same fingerprint; return whether kept."""
+    state_path = out_dir / STATE_FILE
+    saved = json.loads(state_path.read_text())["fingerprint"] if state_path.is_file() else None
+    if resume and saved == fingerprint:
+        return True
+    if resume and saved is not None:
+        log.warning("%s: inputs or settings changed since the checkpoints were written; training from the start", out_dir)
+    for name in ("checkpoints", "difficulty"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    write_json(state_path, {"fingerprint": fingerprint})
+    return False
+
+
+class DifficultyScores:
+    """Scores per epoch, cached in the stage folder so that a resumed run uses the scores of the first run."""
+
+    def __init__(self, folder: Path, scorer, context: ScoringContext):
+        self.folder = folder
+        self.scorer = scorer
+        self.context = context
+
+    def for_epoch(self, epoch: int) -> list[float]:
+        if not self.scorer.every_epoch:
+            epoch = 0
+        path = self.folder / f"epoch-{epoch}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["scores"]
+        start = time.perf_counter()
+        scores = self.scorer.score(self.context)
+        log.info("difficulty %s for epoch %d: %d examples scored in %.1f s (min %.3g, max %.3g)",
+                 self.scorer.name, epoch, len(scores), time.perf_counter() - start, min(scores), max(scores))
+        write_json(path, {"scorer": self.scorer.name, "epoch": epoch, "scores": scores})
+        return scores
+
+
+class SelfPacedScoring(TrainerCallback):
+    """Rescore the examples with the current model at the start of every epoch and hand the scores to the sampler."""
+
+    def __init__(self, scores: DifficultyScores, sampler: CurriculumSampler, rows: list[list[int]] | None, steps_per_epoch: int):
+        self.scores = scores
+        self.sampler = sampler
+        self.rows = rows
+        self.steps_per_epoch = steps_per_epoch
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        # global_step // steps_per_epoch is the epoch the Trainer is starting (or resuming) as well.
+        epoch = state.global_step // self.steps_per_epoch
+        self.sampler.set_scores(item_scores(self.scores.for_epoch(epoch), self.rows))
+
+
+def item_scores(scores: list[float], rows: list[list[int]] | None) -> list[float]:
+    """Return the score of each training item: an example's own score, or a packed row's mean."""
+    if rows is None:
+        return scores
+    return [sum(scores[index] for index in row) / len(row) for row in rows]
 
 
 def run_sft_stage(
@@ -62,53 +212,148 @@ def run_sft_stage(
     grad_accum: int = 1,
     max_length: int = 384,
     warmup_ratio: float = 0.05,
-    curriculum: bool = True,
+    curriculum: bool | None = None,
     seed: int = 0,
     logging_steps: int = 10,
+    fast_ratio: float = 0.5,
+    difficulty: str = "steps",
+    pacing: str = "buckets",
+    buckets: int = 4,
+    initial_competence: float = 0.1,
+    full_competence_at: float = 1.0,
+    packing: bool = False,
+    overlong: str = "skip",
+    teacher: str | None = None,
+    scoring_batch_size: int = 16,
+    save_steps: int | None = None,
+    save_total_limit: int | None = 2,
+    resume: bool = False,
+    optim: str = "adamw_torch",
+    callbacks: list[TrainerCallback] | None = None,
 ) -> dict:
-    """Fine-tune `model_source` on `records` in answer `mode`; save the result to `out_dir`."""
+    """Fine-tune `model_source` on `records` in answer `mode`; save the model to `out_dir`.
+
+    `mode` is 'reasoning', 'fast' or 'mixed' (a seeded `fast_ratio` share of the records in fast
+    mode). `curriculum=False` is an alias for `pacing='none'`. With `save_steps`, checkpoints go
+    to `out_dir/checkpoints`; `resume=True` continues from the newest one if the inputs and
+    settings are unchanged. With `packing`, `batch_size` counts rows of up to `max_length`
+    tokens. Returns the mask report, the loss history and timing.
+    """
+    if mode not in SFT_MODES:
+        raise ValueError(f"unknown SFT mode {mode!r}; expected one of {SFT_MODES}")
+    if curriculum is False:
+        pacing = "none"
+    if pacing not in PACINGS:
+        raise ValueError(f"unknown pacing {pacing!r}; expected one of {PACINGS}")
+    scorer = get_scorer(difficulty)
+    out_dir = Path(out_dir)
+
+    settings = {
+        "mode": mode, "fast_ratio": fast_ratio, "epochs": epochs, "learning_rate": learning_rate,
+        "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length, "warmup_ratio": warmup_ratio,
+        "seed": seed, "difficulty": difficulty, "pacing": pacing, "buckets": buckets,
+        "initial_competence": initial_competence, "full_competence_at": full_competence_at, "packing": packing,
+        "overlong": overlong, "teacher": teacher, "optim": optim,
+    }
+    records_hash = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+    fingerprint = hashlib.sha256(
+        json.dumps({"settings": settings, "records": records_hash, "model": source_identity(model_source)}, sort_keys=True).encode()
+    ).hexdigest()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resuming = prepare_stage_dir(out_dir, fingerprint, resume)
+
     model, tokenizer = load_model(model_source)
-    examples, stats = build_sft_examples(tokenizer, records, mode, max_length, curriculum, seed)
-    steps = math.ceil(len(examples) / (batch_size * grad_accum) * epochs)
-    log.info(
-        "%s: %d %s examples (%d tokens, %d trained), %d optimizer steps",
-        stage_name, stats["examples"], mode, stats["tokens"], stats["trained_tokens"], steps,
+    modes = record_modes(len(records), mode, fast_ratio, seed)
+    kept, examples, report = encode_records(tokenizer, records, modes, max_length, overlong)
+    report["stage"] = stage_name
+    write_json(out_dir / MASK_REPORT, report)
+    log_mask_report(stage_name, report)
+    check_trainable(report)
+
+    context = ScoringContext(
+        records=[records[i] for i in kept], examples=examples, modes=[modes[i] for i in kept], tokenizer=tokenizer,
+        max_length=max_length, model=model, teacher=teacher, batch_size=scoring_batch_size,
     )
+    scores = DifficultyScores(out_dir / "difficulty", scorer, context)
+    first_scores = scores.for_epoch(0)
+
+    if packing:
+        rows = pack_examples([len(example["input_ids"]) for example in examples], first_scores, max_length,
+                             groups=buckets, seed=seed)
+        dataset = [[examples[index] for index in row] for row in rows]
+        collator = lambda batch: collate_packed(batch, tokenizer.pad_token_id)  # noqa: E731
+        log.info("%s: packed %d examples into %d rows of up to %d tokens", stage_name, len(examples), len(rows), max_length)
+    else:
+        rows = None
+        dataset = examples
+        collator = lambda batch: pad_batch(batch, tokenizer.pad_token_id)  # noqa: E731
+
+    batches_per_epoch = math.ceil(len(dataset) / batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
+    steps = max(1, math.ceil(steps_per_epoch * epochs))
+    sampler = CurriculumSampler(
+        item_scores(first_scores, rows), batch_size=batch_size, grad_accum=grad_accum, total_steps=steps,
+        pacing=pacing, buckets=buckets, initial_competence=initial_competence,
+        full_competence_at=full_competence_at, seed=seed,
+    )
+    log.info("%s: %d %s examples (%d tokens, %d trained), %d optimizer steps, difficulty %s, pacing %s",
+             stage_name, len(examples), mode, report["tokens"], report["trained_tokens"], steps, difficulty, pacing)
+
+    checkpoints = out_dir / "checkpoints"
+    resume_from = get_last_checkpoint(str(checkpoints)) if resuming and checkpoints.is_dir() else None
+    if resume_from:
+        log.info("%s: resuming from %s", stage_name, resume_from)
 
     progress = ProgressLine(stage_name)
-    with tempfile.TemporaryDirectory(prefix="edgelm-trainer-") as scratch:
-        args = training_arguments(
-            scratch,
-            learning_rate=learning_rate,
-            epochs=epochs,
-            batch_size=batch_size,
-            grad_accum=grad_accum,
-            seed=seed,
-            warmup_steps=max(0, round(warmup_ratio * steps)),
-            logging_steps=logging_steps,
-            sequential=True,
-        )
-        trainer = AnswerLossTrainer(
-            model=model,
-            args=args,
-            train_dataset=examples,
-            data_collator=lambda batch: pad_batch(batch, tokenizer.pad_token_id),
-            callbacks=[progress],
-        )
-        trainer.remove_callback(PrinterCallback)  # ProgressLine logs instead of raw dicts
-        start = time.perf_counter()
-        result = trainer.train()
-        seconds = time.perf_counter() - start
+    stage_callbacks = [progress, *(callbacks or [])]
+    if scorer.every_epoch:
+        stage_callbacks.append(SelfPacedScoring(scores, sampler, rows, steps_per_epoch))
+    args = training_arguments(
+        str(checkpoints),
+        learning_rate=learning_rate,
+        epochs=epochs,
+        max_steps=steps,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seed=seed,
+        warmup_steps=max(0, round(warmup_ratio * steps)),
+        logging_steps=logging_steps,
+        sequential=True,
+        save_steps=save_steps,
+        save_total_limit=save_total_limit,
+        optim=optim,
+    )
+    trainer = AnswerLossTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        callbacks=stage_callbacks,
+        train_sampler=sampler,
+        packed=packing,
+    )
+    trainer.remove_callback(PrinterCallback)  # ProgressLine logs instead of raw dicts
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    seconds = time.perf_counter() - start
+    tokens_seen = trainer.state.num_input_tokens_seen - progress.start_tokens
 
+    # Replacing the folder also removes the checkpoints and the cached scores.
     save_model(model, tokenizer, out_dir)
+    write_json(out_dir / MASK_REPORT, report)
+    history = [{"step": row["step"], "loss": row["loss"]} for row in trainer.state.log_history if "loss" in row]
     return {
-        **stats,
+        **{key: report[key] for key in ("examples", "skipped_too_long", "truncated", "no_trainable_tokens", "tokens", "trained_tokens")},
         "mode": mode,
-        "curriculum": curriculum,
+        "difficulty": difficulty,
+        "pacing": pacing,
+        "packing": packing,
+        "rows": len(dataset),
         "steps": result.global_step,
+        "resumed_from_step": int(Path(resume_from).name.split("-")[-1]) if resume_from else None,
         "train_loss": result.training_loss,
-        "final_loss": progress.history[-1]["loss"] if progress.history else result.training_loss,
+        "final_loss": history[-1]["loss"] if history else result.training_loss,
         "seconds": seconds,
-        "tokens_per_second": stats["tokens"] * epochs / seconds,
-        "loss_history": [{"step": row["step"], "loss": row["loss"]} for row in progress.history],
+        "tokens_per_second": tokens_seen / seconds,
+        "loss_history": history,
     }

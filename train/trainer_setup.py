@@ -1,4 +1,4 @@
-"""Pieces shared by the SFT and distillation trainers: arguments, padding, progress line."""
+"""Pieces shared by the SFT and distillation trainers: arguments, padding, token-mean loss, progress line."""
 
 from __future__ import annotations
 
@@ -25,23 +25,34 @@ def training_arguments(
     logging_steps: int,
     sequential: bool,
     bf16: bool = False,
+    save_steps: int | None = None,
+    save_total_limit: int | None = None,
+    max_steps: int = -1,
+    optim: str = "adamw_torch",
+    lr_scheduler_type: str = "cosine",
 ) -> TrainingArguments:
-    """TrainingArguments for edgelm's trainers: no checkpoints, no external loggers.
+    """TrainingArguments for edgelm's trainers: no external loggers, checkpoints only on request.
 
-    With `sequential=True` the Trainer reads examples in dataset order, which is how the
-    curriculum order reaches the model.
+    With `sequential=True` the Trainer reads examples in dataset order (a trainer that brings its
+    own sampler ignores this). `save_steps` turns on checkpoints every that many optimizer steps
+    in `output_dir`, keeping the newest `save_total_limit`; a checkpoint holds the model, the
+    optimizer, the scheduler and the RNG states, which is what an exact resume needs.
     """
     return TrainingArguments(
         output_dir=output_dir,
         learning_rate=learning_rate,
         num_train_epochs=epochs,
+        max_steps=max_steps,
         per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=grad_accum,
-        lr_scheduler_type="cosine",
+        optim=optim,
+        lr_scheduler_type=lr_scheduler_type,
         warmup_steps=warmup_steps,
         weight_decay=0.0,
         logging_steps=logging_steps,
-        save_strategy="no",
+        save_strategy="steps" if save_steps else "no",
+        save_steps=save_steps or 500,
+        save_total_limit=save_total_limit,
         report_to=[],
         seed=seed,
         data_seed=seed,
@@ -58,8 +69,6 @@ def training_arguments(
 def pad_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-pad `input_ids` (with pad_token_id) and `labels` (with -100); add attention_mask and position_ids.
 
-    Left padding puts every answer at the right edge of the batch, so the answer tokens of all
-    rows fall in the last few columns and `answer_loss` computes logits for those columns only.
     Explicit position_ids keep each row's positions starting at 0 despite the padding.
     """
     width = max(len(example["input_ids"]) for example in examples)
@@ -75,41 +84,100 @@ def pad_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
 
 
-def answer_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
-    """Cross-entropy over labelled tokens, with logits computed only from the first labelled column on.
+def answer_loss_sum(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (summed cross-entropy over labelled tokens, number of labelled tokens).
 
-    The LM head over a 49k vocabulary costs about as much as ten small decoder layers, and in
-    fast-mode examples under a tenth of the tokens are labelled, so skipping the other columns
-    roughly halves the step time. With `num_items_in_batch` (labelled tokens over all
-    gradient-accumulation micro-batches) the loss is a sum divided by that count, so 1x8 and 8x1
-    accumulation weight every token the same.
+    Logits are computed only at the positions that predict a label (a boolean `logits_to_keep`),
+    because the LM head over a 49k vocabulary costs about as much as ten small decoder layers,
+    and in fast-mode examples under a tenth of the tokens are labelled. Works for left-padded
+    and for packed batches alike.
     """
-    labels = inputs["labels"]
-    labelled = labels != IGNORE_INDEX
-    # Column i predicts token i + 1, so logits start one column before the first label.
-    first_label = int(labelled.any(dim=0).float().argmax())
-    keep = labels.shape[1] - first_label + 1
+    # Position i predicts token i + 1, so the logits kept are those one before each label.
+    targets = inputs["labels"][:, 1:]
+    labelled = targets != IGNORE_INDEX
+    keep = torch.nn.functional.pad(labelled, (0, 1))
     model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-    logits = model(**model_inputs, logits_to_keep=keep).logits  # (batch, keep, vocab)
-    targets = labels[:, labels.shape[1] - keep + 1 :]
-    loss = torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    count = num_items_in_batch if num_items_in_batch is not None else labelled.sum()
-    return loss / count
+    # Without use_cache=False, transformers 5 builds a KV cache (config.use_cache defaults to True)
+    # and then skips packed-sequence detection, so packed examples would attend to each other.
+    logits = model(**model_inputs, logits_to_keep=keep, use_cache=False).logits  # (labelled tokens, vocab)
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets[labelled], reduction="sum")
+    return loss, labelled.sum()
 
 
-class AnswerLossTrainer(Trainer):
-    """A Trainer whose loss is `answer_loss`: LM-head work only where labels exist."""
+def answer_loss(model, inputs: dict[str, torch.Tensor], num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy over labelled tokens, divided by `num_items_in_batch` when given, else by this batch's count.
+
+    `num_items_in_batch` is the number of labelled tokens over all gradient-accumulation
+    micro-batches of one optimizer step, so 1x8 and 8x1 accumulation weight every token the same.
+    """
+    loss, count = answer_loss_sum(model, inputs)
+    return loss / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+
+
+class TokenMeanLossMixin:
+    """Trainer mixin for a loss that is a mean over tokens of the whole accumulated batch.
+
+    Put it before Trainer in the bases. Its `get_batch_samples` counts the loss tokens of all
+    micro-batches of an optimizer step (`count_loss_tokens`, by default labels other than -100
+    after the first column) and the Trainer passes that count to compute_loss as
+    `num_items_in_batch`. compute_loss sums the per-token losses of its micro-batch and returns
+    `self.token_mean(loss_sum, num_items_in_batch, inputs)`. The mixin sets
+    `model_accepts_loss_kwargs` and `loss_is_scaled_for_ga`, so the Trainer does not divide by
+    the accumulation steps again. A trainer whose batches keep targets under another key
+    overrides `count_loss_tokens`.
+    """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # answer_loss normalizes by num_items_in_batch itself; this flag makes the Trainer count
-        # those items and stop dividing by the accumulation steps a second time.
         self.model_accepts_loss_kwargs = True
+        self.loss_is_scaled_for_ga = True
+
+    def count_loss_tokens(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (inputs["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+    def _averages_tokens_across_processes(self) -> bool:
+        return bool(self.args.average_tokens_across_devices) and self.args.world_size > 1
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        count = torch.as_tensor(sum(int(self.count_loss_tokens(batch)) for batch in batch_samples), device=device)
+        if self._averages_tokens_across_processes():
+            count = self.accelerator.gather(count).sum()
+        return batch_samples, count
+
+    def token_mean(self, loss_sum: torch.Tensor, num_items_in_batch, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Divide a summed loss by the loss tokens of the accumulated batch (or of `inputs` outside training)."""
+        if num_items_in_batch is None:
+            return loss_sum / self.count_loss_tokens(inputs).clamp(min=1)
+        # With the count summed over processes, each process's loss is a share of the global mean;
+        # DDP averages gradients over processes, so scale back up by their number.
+        scale = self.accelerator.num_processes if self._averages_tokens_across_processes() else 1
+        return loss_sum * scale / torch.as_tensor(num_items_in_batch).clamp(min=1)
+
+
+class AnswerLossTrainer(TokenMeanLossMixin, Trainer):
+    """A Trainer whose loss is the token mean of `answer_loss_sum`, read in the order of `train_sampler`.
+
+    With `packed=True` the batches come from `edgelm.train.packing.collate_packed`: their
+    attention_mask only counts tokens and is dropped before the forward pass, so that the model
+    builds the per-example mask from position_ids.
+    """
+
+    def __init__(self, *args, train_sampler: torch.utils.data.Sampler | None = None, packed: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_sampler = train_sampler
+        self.packed = packed
+
+    def _get_train_sampler(self, train_dataset=None):
+        if self.train_sampler is not None:
+            return self.train_sampler
+        return super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = answer_loss(model, inputs, num_items_in_batch)
+        if self.packed:
+            inputs = {key: value for key, value in inputs.items() if key != "attention_mask"}
+        loss_sum, _ = answer_loss_sum(model, inputs)
+        loss = self.token_mean(loss_sum, num_items_in_batch, inputs)
         return (loss, None) if return_outputs else loss
 
 
@@ -123,11 +191,13 @@ class ProgressLine(TrainerCallback):
     def __init__(self, stage: str):
         self.stage = stage
         self.last_tokens = 0
+        self.start_tokens = 0
         self.last_time = time.perf_counter()
         self.history: list[dict] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.last_tokens = state.num_input_tokens_seen
+        # A resumed run starts with the count restored from the checkpoint.
+        self.start_tokens = self.last_tokens = state.num_input_tokens_seen
         self.last_time = time.perf_counter()
 
     def on_log(self, args, state, control, logs=None, **kwargs):
