@@ -9,12 +9,15 @@ Imports neither torch nor transformers, so an edge app installs only the base pa
 
 from edgelm.runtime.chat_template import ChatTemplateError, render_chat_template
 from edgelm.runtime.detokenize import IncrementalDecoder, StopStringFilter
-from edgelm.runtime.generator import Generator, KVCache
+from edgelm.runtime.decoders import BufferKVCache, KVCache
+from edgelm.runtime.generator import Generator
 from edgelm.runtime.manifest import ExportManifest, read_manifest
 from edgelm.runtime.sampling import SamplingSettings
 from edgelm.runtime.session import PROVIDER_ALIASES, open_session, resolve_providers
+from edgelm.runtime.static import StaticGenerator
 
 __all__ = [
+    "BufferKVCache",
     "ChatTemplateError",
     "ExportManifest",
     "Generator",
@@ -22,6 +25,7 @@ __all__ = [
     "KVCache",
     "PROVIDER_ALIASES",
     "SamplingSettings",
+    "StaticGenerator",
     "StopStringFilter",
     "open_session",
     "read_manifest",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,27 +12,18 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgelm.runtime.chat_template import load_chat_template, render_chat_template
+from edgelm.runtime.decoders import BufferKVCache, KVCache, left_pad, make_decoder
 from edgelm.runtime.detokenize import TextStream
 from edgelm.runtime.manifest import ExportManifest, read_manifest
-from edgelm.runtime.sampling import SamplingSettings, next_tokens
-from edgelm.runtime.session import open_session
+from edgelm.runtime.sampling import SamplingSettings, apply_repetition_penalty, next_tokens
+from edgelm.runtime.session import open_session, session_device
 
 log = logging.getLogger(__name__)
 
 Prompt = str | list[dict]
 
-
-@dataclass
-class KVCache:
-    """Decoding state between steps: past keys and values, attention mask and next position ids."""
-
-    past: dict[str, np.ndarray]  # ONNX input name -> [batch, kv_heads, past_seq, head_dim]
-    attention_mask: np.ndarray  # int64 [batch, past_seq]; zeros mark left padding
-    next_positions: np.ndarray  # int64 [batch]; position id of the next token per row
-
-    @property
-    def length(self) -> int:
-        return self.attention_mask.shape[1]
+# KV cache slots that prefill() preallocates past the prompt when the caller gives no capacity.
+DEFAULT_EXTRA_SLOTS = 256
 
 
 class Generator:
@@ -53,6 +43,7 @@ class Generator:
         chat_template: str | None = None,
         special_tokens: dict[str, str] | None = None,
         context_length: int | None = None,
+        decoder=None,
     ):
         self.session = session
         self.context_length = context_length
@@ -63,13 +54,12 @@ class Generator:
         self.eos_token_ids = frozenset(manifest.eos_token_ids)
         self.pad_token_id = manifest.pad_token_id if manifest.pad_token_id is not None else manifest.eos_token_ids[0]
 
-        self._input_names = {i.name for i in session.get_inputs()}
-        self._output_names = [o.name for o in session.get_outputs()]
-        self._past_names = [
-            f"past_key_values.{layer}.{kind}" for layer in range(manifest.num_layers) for kind in ("key", "value")
-        ]
-        self._present_names = [name.replace("past_key_values.", "present.", 1) for name in self._past_names]
-        self._check_graph_signature()
+        if decoder is not None:
+            self.device, self.decoder = "cpu", decoder
+        else:
+            self.device = session_device(session)
+            self.decoder = make_decoder(session, manifest, self.device)
+            self._check_graph_signature()
 
     @classmethod
     def from_pretrained(
@@ -77,13 +67,28 @@ class Generator:
         export_dir: str | Path,
         providers: Sequence[str] | str | None = None,
         intra_op_threads: int | None = None,
+        *,
+        provider: Sequence[str] | str | None = None,
+        threads: int | None = None,
+        **session_options,
     ) -> Generator:
         """Load an export folder: manifest, ONNX session (CPU provider by default), tokenizer, chat template.
 
-        `providers` takes onnxruntime names or short aliases ("cpu", "cuda", "cann", ...), in
-        priority order. `intra_op_threads` None lets onnxruntime choose the thread count.
+        `providers` (or `provider`) takes onnxruntime names or short aliases ("cpu", "cuda",
+        ...), in priority order. `intra_op_threads` (or `threads`) None lets onnxruntime
+        choose the thread count. Other keywords go to `open_session` (`allow_spinning`,
+        `memory_arena`, `optimization_level`, `profile_prefix`).
         """
+        if provider is not None:
+            if providers is not None:
+                raise TypeError("pass either providers or provider, not both")
+            providers = provider
+        if threads is not None:
+            if intra_op_threads is not None:
+                raise TypeError("pass either intra_op_threads or threads, not both")
+            intra_op_threads = threads
         export_dir = Path(export_dir)
+        check_static_export(export_dir, providers)
         manifest = read_manifest(export_dir)
         model_path = export_dir / manifest.model_file
         if not model_path.is_file():
@@ -93,7 +98,8 @@ class Generator:
             raise FileNotFoundError(f"{tokenizer_path} not found; the export folder must contain the tokenizer files")
 
         try:
-            session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads)
+            session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads,
+                                   **session_options)
         except (ValueError, FileNotFoundError):
             raise
         except Exception as error:  # onnxruntime raises its own classes (InvalidProtobuf, Fail)
@@ -110,16 +116,15 @@ class Generator:
         return cls(session, tokenizer, manifest, chat_template, special_tokens, read_context_length(export_dir))
 
     def _check_graph_signature(self) -> None:
-        required = {"input_ids", "attention_mask", *self._past_names}
-        missing = sorted(required - self._input_names)
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        missing = self.decoder.check_signature(inputs, outputs)
         if missing:
             raise ValueError(
-                f"the ONNX graph is missing inputs {missing[:4]}{' ...' if len(missing) > 4 else ''}; "
-                f"manifest says num_layers={self.manifest.num_layers}. Re-export with KV cache inputs."
+                f"the ONNX graph is missing inputs or outputs {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+                f"for kv_cache={self.manifest.kv_cache!r} and num_layers={self.manifest.num_layers} in the "
+                f"manifest. Re-export the model."
             )
-        missing = sorted({"logits", *self._present_names} - set(self._output_names))
-        if missing:
-            raise ValueError(f"the ONNX graph is missing outputs {missing[:4]}; re-export with KV cache outputs")
 
     # ----- prompts -----------------------------------------------------------------------------
 
@@ -150,65 +155,38 @@ class Generator:
 
     # ----- model steps ----------------------------------------------------------------------------
 
-    def _run(self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, past: dict) -> list:
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask, **past}
-        if "position_ids" in self._input_names:
-            feed["position_ids"] = position_ids
-        return self.session.run(["logits", *self._present_names], feed)
+    def prefill(self, prompt_ids: Sequence[Sequence[int]], capacity: int | None = None
+                ) -> tuple[np.ndarray, KVCache | BufferKVCache]:
+        """Run the prompts (left-padded to one length) and return (last-position logits [batch, vocab], cache).
 
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        shape = (batch, self.manifest.num_kv_heads, 0, self.manifest.head_dim)
-        empty = np.zeros(shape, dtype=self.manifest.kv_numpy_dtype)
-        return {name: empty for name in self._past_names}
-
-    def prefill(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[np.ndarray, KVCache]:
-        """Run the prompts (left-padded to one length) and return (last-position logits [batch, vocab], cache)."""
+        `capacity` is the number of KV cache slots to preallocate on a fixed-capacity export
+        (prompt plus the tokens still to generate). None allocates the prompt plus
+        DEFAULT_EXTRA_SLOTS, and the cache grows if decoding passes it. A dynamic export ignores it.
+        """
         if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
             raise ValueError("every prompt needs at least one token; got an empty prompt")
-        batch = len(prompt_ids)
         length = max(len(ids) for ids in prompt_ids)
         if self.context_length is not None and length > self.context_length:
             raise ValueError(f"prompt has {length} tokens, more than the model's context length "
                              f"{self.context_length} (config.json max_position_embeddings); shorten the prompt")
+        input_ids, attention_mask, position_ids = left_pad(prompt_ids, self.pad_token_id)
+        if capacity is None:
+            capacity = length + DEFAULT_EXTRA_SLOTS
+        return self.decoder.prefill(input_ids, attention_mask, position_ids, capacity)
 
-        input_ids = np.full((batch, length), self.pad_token_id, dtype=np.int64)
-        attention_mask = np.zeros((batch, length), dtype=np.int64)
-        for row, ids in enumerate(prompt_ids):
-            input_ids[row, length - len(ids) :] = ids
-            attention_mask[row, length - len(ids) :] = 1
-        position_ids = np.clip(np.cumsum(attention_mask, axis=1) - 1, 0, None)
+    def decode_step(self, cache: KVCache | BufferKVCache, tokens: np.ndarray) -> np.ndarray:
+        """Feed one token per row, update `cache` in place, and return next-token logits [batch, vocab].
 
-        logits, *present = self._run(input_ids, attention_mask, position_ids, self._empty_past(batch))
-        cache = KVCache(
-            past=dict(zip(self._past_names, present)),
-            attention_mask=attention_mask,
-            next_positions=attention_mask.sum(axis=1),
-        )
-        return logits[:, -1, :], cache
-
-    def decode_step(self, cache: KVCache, tokens: np.ndarray) -> np.ndarray:
-        """Feed one token per row, update `cache` in place, and return next-token logits [batch, vocab]."""
-        batch = cache.attention_mask.shape[0]
-        input_ids = np.asarray(tokens, dtype=np.int64).reshape(batch, 1)
-        cache.attention_mask = np.concatenate([cache.attention_mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
-        position_ids = cache.next_positions.reshape(batch, 1)
-
-        # TODO: present -> past copies the whole cache every step (the graph concatenates);
-        # a preallocated cache bound with IO binding would avoid that.
-        logits, *present = self._run(input_ids, cache.attention_mask, position_ids, cache.past)
-        cache.past = dict(zip(self._past_names, present))
-        cache.next_positions = cache.next_positions + 1
-        return logits[:, -1, :]
+        On a fixed-capacity export the returned array is reused by the next step; copy it to keep it.
+        """
+        return self.decoder.decode(cache, tokens)
 
     def score(self, input_ids: Sequence[int]) -> np.ndarray:
         """Return logits [seq, vocab] for one sequence in a single forward pass (for held-out loss)."""
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
         if ids.shape[1] == 0:
             raise ValueError("score() needs at least one token; got an empty sequence")
-        mask = np.ones_like(ids)
-        positions = np.arange(ids.shape[1], dtype=np.int64).reshape(1, -1)
-        logits = self._run(ids, mask, positions, self._empty_past(1))[0]
-        return logits[0]
+        return self.decoder.score(ids)
 
     # ----- token generation ---------------------------------------------------------------------
 
@@ -238,11 +216,21 @@ class Generator:
             max_new_tokens = allowed
         rng = np.random.default_rng(seed)
         eos = np.array(sorted(self.eos_token_ids), dtype=np.int64)
+        seen = None
+        if settings.repetition_penalty != 1.0:
+            # seen[row, token]: the token is in the row's prompt or output, as transformers counts it.
+            seen = np.zeros((len(prompt_ids), self.manifest.vocab_size), dtype=bool)
+            for row, ids in enumerate(prompt_ids):
+                seen[row, ids] = True
 
-        logits, cache = self.prefill(prompt_ids)
+        logits, cache = self.prefill(prompt_ids, capacity=longest + max_new_tokens)
         active = np.ones(len(prompt_ids), dtype=bool)
         for step in range(max_new_tokens):
+            if seen is not None:
+                logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
             tokens = next_tokens(logits, settings, rng)
+            if seen is not None:
+                seen[np.arange(len(tokens)), tokens] = True
             tokens[~active] = self.pad_token_id
             yield tokens, active
 
@@ -261,6 +249,7 @@ class Generator:
         top_p: float = 1.0,
         seed: int | None = None,
         ignore_eos: bool = False,
+        repetition_penalty: float = 1.0,
         on_token: Callable[[int, int], None] | None = None,
     ) -> list[list[int]]:
         """Generate new token ids for one prompt or a batch (left-padded); return one list per prompt.
@@ -270,7 +259,7 @@ class Generator:
         `max_new_tokens` tokens, which the benchmark uses.
         """
         batch = _as_batch(prompt_ids)
-        settings = SamplingSettings(temperature, top_k, top_p)
+        settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
         outputs: list[list[int]] = [[] for _ in batch]
         for tokens, active in self._token_steps(batch, max_new_tokens, settings, seed, ignore_eos):
             for row in np.flatnonzero(active):
@@ -291,12 +280,15 @@ class Generator:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        repetition_penalty: float = 1.0,
     ) -> Iterator[str]:
         """Yield text pieces as tokens are decoded; stop at end of turn (eos) or a stop string.
 
         The text leaves out eos tokens, other special tokens and the stop string.
+        `repetition_penalty` > 1 divides positive logits and multiplies negative ones of every
+        token already in the prompt or the reply, as transformers does; 1.0 turns it off.
         """
-        settings = SamplingSettings(temperature, top_k, top_p)
+        settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
         ids = self.encode_prompt(prompt)
         text = TextStream(self.tokenizer, stop)
         for tokens, active in self._token_steps([ids], max_new_tokens, settings, seed, ignore_eos=False):
@@ -320,9 +312,10 @@ class Generator:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        repetition_penalty: float = 1.0,
     ) -> str:
         """Return the reply text for one prompt; see `stream` for the arguments."""
-        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop))
+        return "".join(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, repetition_penalty))
 
     def generate_batch(
         self,
@@ -333,11 +326,12 @@ class Generator:
         top_p: float = 1.0,
         seed: int | None = None,
         stop: Sequence[str] | None = None,
+        repetition_penalty: float = 1.0,
     ) -> list[str]:
         """Return one reply per prompt, generated together in one left-padded batch."""
         if isinstance(prompts, str) or not prompts:
             raise TypeError("generate_batch takes a non-empty list of prompts; use generate() for one prompt")
-        settings = SamplingSettings(temperature, top_k, top_p)
+        settings = SamplingSettings(temperature, top_k, top_p, repetition_penalty)
         batch = [self.encode_prompt(p) for p in prompts]
         texts = [TextStream(self.tokenizer, stop) for _ in batch]
         pieces: list[list[str]] = [[] for _ in batch]
@@ -369,3 +363,26 @@ def read_context_length(export_dir: Path) -> int | None:
     except json.JSONDecodeError:
         return None
     return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def check_static_export(export_dir: Path, providers) -> None:
+    """Raise a clear error for a static Ascend export, or for CANN on a dynamic one.
+
+    CANN compiles a graph for each new input shape, so it is only usable on the static
+    Ascend variant, and that variant has its own two-graph layout (see static.py).
+    """
+    from edgelm.runtime.static import ASCEND_FORMAT, is_static_export
+
+    names = [providers] if isinstance(providers, str) else list(providers or [])
+    wants_cann = any(name.lower() in ("cann", "cannexecutionprovider") for name in names)
+    if is_static_export(export_dir):
+        raise ValueError(
+            f"{export_dir} is a static Ascend export ({ASCEND_FORMAT}); load it with "
+            f"edgelm.runtime.StaticGenerator.from_pretrained, not Generator"
+        )
+    if wants_cann:
+        raise ValueError(
+            "the CANN execution provider recompiles the graph for every new input shape, so the runtime "
+            "uses it only on the static Ascend export; export one with edgelm.export.ascend and load it "
+            "with edgelm.runtime.StaticGenerator"
+        )

@@ -12,6 +12,7 @@ MANIFEST_NAME = "edgelm_export.json"
 FORMAT_NAME = "edgelm-onnx"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+KV_CACHE_KINDS = ("dynamic", "buffer", "buffer-new")
 
 _REQUIRED_KEYS = ("model_file", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "eos_token_ids")
 
@@ -31,6 +32,8 @@ class ExportManifest:
     variant: str = "fp32"
     model_type: str = ""
     kv_dtype: str = "float32"
+    kv_cache: str = "dynamic"
+    """KV cache interface: "dynamic" (onnx_export.py), "buffer" or "buffer-new" (kv_buffer.py)."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -65,12 +68,16 @@ def read_manifest(export_dir: str | Path) -> ExportManifest:
     kv_dtype = data.get("kv_dtype", "float32")
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"{path}: kv_dtype {kv_dtype!r} is not supported; expected one of {sorted(KV_DTYPES)}")
+    kv_cache = data.get("kv_cache", "dynamic")
+    if kv_cache not in KV_CACHE_KINDS:
+        raise ValueError(f"{path}: kv_cache {kv_cache!r} is not supported by this runtime; expected one of "
+                         f"{list(KV_CACHE_KINDS)}. Upgrade edgelm or re-export the model")
     eos = data["eos_token_ids"]
     eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
     if not eos_ids:
         raise ValueError(f"{path}: eos_token_ids is empty; generation would never stop at end of turn")
 
-    known = {"format", "format_version", "variant", "model_type", "kv_dtype", "pad_token_id", "bos_token_id", *_REQUIRED_KEYS}
+    known = {"format", "format_version", "variant", "model_type", "kv_dtype", "kv_cache", "pad_token_id", "bos_token_id", *_REQUIRED_KEYS}
     return ExportManifest(
         model_file=data["model_file"],
         num_layers=int(data["num_layers"]),
@@ -83,5 +90,6 @@ def read_manifest(export_dir: str | Path) -> ExportManifest:
         variant=data.get("variant", "fp32"),
         model_type=data.get("model_type", ""),
         kv_dtype=kv_dtype,
+        kv_cache=kv_cache,
         extra={key: value for key, value in data.items() if key not in known},
     )

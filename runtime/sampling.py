@@ -9,11 +9,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class SamplingSettings:
-    """Decoding settings; temperature 0 means greedy (argmax), top_k 0 and top_p 1.0 turn those filters off."""
+    """Decoding settings; temperature 0 means greedy (argmax), top_k 0, top_p 1.0 and
+    repetition_penalty 1.0 turn those off."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         if not self.temperature >= 0:
@@ -22,10 +24,23 @@ class SamplingSettings:
             raise ValueError(f"top_k={self.top_k!r} must be an integer >= 0 (0 = no top-k filter)")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1] (1.0 = no top-p filter)")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty={self.repetition_penalty} must be > 0 (1.0 = no penalty)")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: np.ndarray, penalty: float) -> np.ndarray:
+    """Return a copy of `logits` [batch, vocab] with the tokens marked in `seen` penalized.
+
+    A positive logit is divided by `penalty` and a negative one multiplied, as in
+    transformers' RepetitionPenaltyLogitsProcessor, so the token always becomes less likely
+    for penalty > 1.
+    """
+    penalized = np.where(logits > 0, logits / penalty, logits * penalty)
+    return np.where(seen, penalized, logits).astype(logits.dtype, copy=False)
 
 
 def next_tokens(logits: np.ndarray, settings: SamplingSettings, rng: np.random.Generator) -> np.ndarray:

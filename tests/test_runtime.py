@@ -41,12 +41,35 @@ def runtime_model_dir(tiny_model_factory) -> Path:
     return tiny_model_factory("llama", initializer_range=0.3)
 
 
+KV_KINDS = ["dynamic", "buffer", "buffer-new"]
+
+
 @pytest.fixture(scope="session")
-def export_dir(runtime_model_dir, tmp_path_factory) -> Path:
-    export_onnx = pytest.importorskip("edgelm.export.onnx_export").export_onnx
-    out = tmp_path_factory.mktemp("runtime-export") / "onnx"
-    export_onnx(runtime_model_dir, out, check=False)
-    return out
+def export_dirs(runtime_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """The tiny model exported once per KV cache interface, built on first use."""
+    built: dict[str, Path] = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            out = tmp_path_factory.mktemp(f"runtime-export-{kind}") / "onnx"
+            if kind == "dynamic":
+                pytest.importorskip("edgelm.export.onnx_export").export_onnx(runtime_model_dir, out, check=False)
+            else:
+                pytest.importorskip("edgelm.export.kv_buffer").export_kv_buffer(runtime_model_dir, out, layout=kind)
+            built[kind] = out
+        return built[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session", params=KV_KINDS)
+def export_dir(export_dirs, request) -> Path:
+    return export_dirs(request.param)
+
+
+@pytest.fixture(scope="session")
+def dynamic_export_dir(export_dirs) -> Path:
+    return export_dirs("dynamic")
 
 
 @pytest.fixture(scope="session")
@@ -75,10 +98,20 @@ def run_python(code: str, *args: str, stdin: str | None = None) -> subprocess.Co
 
 
 def test_runtime_imports_without_torch(export_dir):
+    # A meta path finder that fails every torch or transformers import, as on a device where
+    # they are not installed.
     code = textwrap.dedent(f"""
         import sys
-        sys.modules["torch"] = None
-        sys.modules["transformers"] = None
+
+        class BlockTorch:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    raise ImportError(f"{{name}} is blocked by the test")
+                return None
+
+        sys.meta_path.insert(0, BlockTorch())
+        for name in [n for n in sys.modules if n.split(".")[0] in ("torch", "transformers")]:
+            del sys.modules[name]
         from edgelm.runtime import Generator
         gen = Generator.from_pretrained({str(export_dir)!r}, intra_op_threads=1)
         ids = gen.generate_ids(gen.encode_prompt("hi"), max_new_tokens=3)
@@ -90,6 +123,29 @@ def test_runtime_imports_without_torch(export_dir):
     result = run_python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
+
+
+# Top-level packages that edgelm.runtime may import beyond the standard library: its four
+# dependencies, jinja2's markupsafe, and the edgelm package itself.
+RUNTIME_ALLOWED_PACKAGES = {"edgelm", "numpy", "onnxruntime", "tokenizers", "jinja2", "markupsafe"}
+
+
+def test_runtime_imports_only_its_dependencies(dynamic_export_dir):
+    code = textwrap.dedent(f"""
+        import sys
+        before = set(sys.modules)
+        from edgelm.runtime import Generator
+        gen = Generator.from_pretrained({str(dynamic_export_dir)!r}, intra_op_threads=1)
+        gen.generate("hi", max_new_tokens=2)
+        new = {{name.split(".")[0] for name in set(sys.modules) - before}}
+        # cython_runtime and _cython_* are module objects that numpy's compiled extensions create.
+        new = {{name for name in new if name != "cython_runtime" and not name.startswith("_cython")}}
+        print(" ".join(sorted(new - set(sys.stdlib_module_names) - {{"_distutils_hack"}})))
+    """)
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    third_party = set(result.stdout.split())
+    assert third_party <= RUNTIME_ALLOWED_PACKAGES, sorted(third_party - RUNTIME_ALLOWED_PACKAGES)
 
 
 # ----- prompts and chat template -------------------------------------------------------------
@@ -139,6 +195,19 @@ def test_greedy_matches_transformers(generator, hf_model, prompt):
         )
     expected = out[0, len(ids):].tolist()
     assert generator.generate_ids(ids, max_new_tokens=20) == [expected]
+
+
+@pytest.mark.parametrize("penalty", [1.3, 0.8])
+def test_repetition_penalty_matches_transformers(generator, hf_model, penalty):
+    import torch
+
+    model, _ = hf_model
+    ids = generator.encode_prompt(PROMPTS[1])
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=16, do_sample=False, repetition_penalty=penalty)
+    expected = out[0, len(ids):].tolist()
+    assert generator.generate_ids(ids, max_new_tokens=16, repetition_penalty=penalty) == [expected]
 
 
 def test_score_matches_transformers(generator, hf_model):
@@ -360,18 +429,6 @@ def test_quantized_export_generates(export_dir, tmp_path, scheme):
     assert quantized.score(ids).shape == (len(ids), quantized.manifest.vocab_size)
 
 
-# ----- example app ---------------------------------------------------------------------------
-
-
-def test_chat_example_runs(export_dir):
-    script = REPO_ROOT / "examples" / "chat.py"
-    result = run_python("", str(script), str(export_dir), "--max-new-tokens", "8", "--threads", "1",
-                        stdin="What is 2+2?\n")
-    assert result.returncode == 0, result.stderr
-    assert "assistant> " in result.stdout
-    assert len(result.stdout.split("assistant> ", 1)[1].strip()) > 0
-
-
 @pytest.mark.parametrize("broken_file, content, message", [
     ("model.onnx", b"not a protobuf", "onnxruntime could not load"),
     ("tokenizer.json", b"{broken", "invalid tokenizer file"),
@@ -389,7 +446,7 @@ def test_corrupt_export_file_is_one_clear_error(export_dir, tmp_path, broken_fil
 
 
 def test_context_length_limits_prompt_and_new_tokens(export_dir, caplog):
-    generator = Generator.from_pretrained(export_dir)
+    generator = Generator.from_pretrained(export_dir, intra_op_threads=1)
     assert generator.context_length == 512  # the tiny test model's max_position_embeddings
     generator.context_length = 40
     with pytest.raises(ValueError, match="more than the model's context length 40"):
@@ -397,3 +454,124 @@ def test_context_length_limits_prompt_and_new_tokens(export_dir, caplog):
     out = generator.generate_ids([list(range(1, 31))], max_new_tokens=50, ignore_eos=True)
     assert len(out[0]) == 10
     assert "would pass the context length 40" in caplog.text
+
+
+# ----- fixed-capacity KV cache ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def dynamic_generator(dynamic_export_dir) -> Generator:
+    return Generator.from_pretrained(dynamic_export_dir, intra_op_threads=1)
+
+
+def test_manifest_records_kv_cache_kind(export_dir):
+    kind = read_manifest(export_dir).kv_cache
+    assert kind in KV_KINDS
+    generator = Generator.from_pretrained(export_dir, threads=1)
+    assert generator.decoder.kind == kind
+
+
+def test_buffer_cache_is_updated_in_place(export_dirs, dynamic_generator):
+    generator = Generator.from_pretrained(export_dirs("buffer"), threads=1)
+    ids = generator.encode_prompt(PROMPTS[0])
+    logits, cache = generator.prefill([ids], capacity=len(ids) + 4)
+    buffers = {name: array.ctypes.data for name, array in cache.past.items()}
+    token = logits.argmax(-1)
+    logits = generator.decode_step(cache, token).copy()
+
+    name = "past_key_values.0.key"
+    assert {n: a.ctypes.data for n, a in cache.past.items()} == buffers, "decode replaced a cache buffer"
+    assert cache.values[name].data_ptr() == buffers[name], "the bound OrtValue does not share the numpy buffer"
+    assert np.abs(cache.past[name][0, :, len(ids)]).sum() > 0, "the new key was not written at its slot"
+    assert np.abs(cache.past[name][0, :, len(ids) + 1:]).sum() == 0, "slots past the new token changed"
+    expected_logits, expected_cache = dynamic_generator.prefill([ids])
+    expected = dynamic_generator.decode_step(expected_cache, expected_logits.argmax(-1))
+    np.testing.assert_allclose(logits, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["buffer", "buffer-new"])
+def test_buffer_cache_grows_past_capacity(export_dirs, dynamic_generator, kind):
+    generator = Generator.from_pretrained(export_dirs(kind), threads=1)
+    ids = generator.encode_prompt(PROMPTS[2])
+    logits, cache = generator.prefill([ids], capacity=len(ids) + 2)
+    tokens = []
+    for _ in range(6):
+        token = logits.argmax(-1)
+        tokens.append(int(token[0]))
+        logits = generator.decode_step(cache, token)
+    assert cache.capacity >= len(ids) + 6
+    assert tokens == dynamic_generator.generate_ids(ids, max_new_tokens=6, ignore_eos=True)[0]
+
+
+def test_export_kv_buffer_rejects_unknown_layout(runtime_model_dir, tmp_path):
+    export_kv_buffer = pytest.importorskip("edgelm.export.kv_buffer").export_kv_buffer
+    with pytest.raises(ValueError, match="layout='ring'"):
+        export_kv_buffer(runtime_model_dir, tmp_path / "out", layout="ring")
+
+
+def test_export_kv_buffer_qwen2_parity(tiny_model_factory, tmp_path):
+    export_kv_buffer = pytest.importorskip("edgelm.export.kv_buffer").export_kv_buffer
+    manifest = export_kv_buffer(tiny_model_factory("qwen2"), tmp_path / "qwen2", check=True)
+    assert manifest["parity"]["passed"], manifest["parity"]
+    assert manifest["kv_cache"] == "buffer"
+
+
+def test_unknown_kv_cache_kind_rejected(dynamic_export_dir, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "export"
+    shutil.copytree(dynamic_export_dir, copy)
+    manifest = json.loads((copy / "edgelm_export.json").read_text())
+    manifest["kv_cache"] = "paged"
+    (copy / "edgelm_export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="kv_cache 'paged' is not supported"):
+        read_manifest(copy)
+
+
+# ----- session options and backends ----------------------------------------------------------
+
+
+def test_session_options_keep_output(dynamic_export_dir, dynamic_generator, tmp_path):
+    tuned = Generator.from_pretrained(dynamic_export_dir, threads=1, allow_spinning=False, memory_arena=False,
+                                      optimization_level="extended", profile_prefix=str(tmp_path / "profile"))
+    ids = tuned.encode_prompt(PROMPTS[0])
+    assert tuned.generate_ids(ids, max_new_tokens=5) == dynamic_generator.generate_ids(ids, max_new_tokens=5)
+    assert Path(tuned.session.end_profiling()).is_file()
+
+
+def test_invalid_optimization_level(dynamic_export_dir):
+    with pytest.raises(ValueError, match="optimization_level='fast'"):
+        Generator.from_pretrained(dynamic_export_dir, optimization_level="fast")
+
+
+def test_both_provider_keywords_rejected(dynamic_export_dir):
+    with pytest.raises(TypeError, match="either providers or provider"):
+        Generator.from_pretrained(dynamic_export_dir, providers="cpu", provider="cpu")
+
+
+def test_cann_needs_static_export(dynamic_export_dir):
+    with pytest.raises(ValueError, match="only on the static Ascend export"):
+        Generator.from_pretrained(dynamic_export_dir, provider="cann")
+
+
+def test_missing_cuda_names_package():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="Install onnxruntime-gpu"):
+        resolve_providers("cuda")
+
+
+def test_om_backend_names_what_to_install(tmp_path):
+    import importlib.util
+
+    from edgelm.runtime.static import OmGraphs
+
+    if importlib.util.find_spec("ais_bench") is not None:
+        pytest.skip("ais_bench is installed here")
+    with pytest.raises(ImportError, match="needs ais_bench"):
+        OmGraphs(tmp_path, {"prefill_om": "prefill.om", "decode_om": "decode.om"})
+    with pytest.raises(FileNotFoundError, match="has no OM files"):
+        OmGraphs(tmp_path, {"prefill": "prefill.onnx", "decode": "decode.onnx"})
