@@ -125,6 +125,12 @@ class TeacherSFTConfig:
         _require(0 < self.learning_rate < 1, f"{key}.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
 
 
+ROLLOUT_ENGINES = ("hf", "vllm")
+DISTILL_TARGETS = ("on_policy", "label", "mixed")
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "jsd", "tv")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass
 class RolloutConfig:
     mode: str = "fast"
@@ -141,6 +147,11 @@ class RolloutConfig:
     """Maximum tokens generated per answer."""
     batch_size: int = 32
     """Prompts generated together."""
+    engine: str = "hf"
+    """Generation engine: 'hf' (transformers generate) or 'vllm' (needs vllm installed, a CUDA
+    machine and an HF model folder; untested in edgelm's own test runs)."""
+    chunk_rows: int = 256
+    """Rows per chunk file written during generation; a killed run loses at most this many per process."""
 
     def validate(self, key: str) -> None:
         _require(self.mode in ANSWER_MODES, f"{key}.mode", f"must be one of {ANSWER_MODES}, got {self.mode!r}")
@@ -150,36 +161,54 @@ class RolloutConfig:
         _require(0 < self.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {self.top_p}")
         _require(self.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.engine in ROLLOUT_ENGINES, f"{key}.engine", f"must be one of {ROLLOUT_ENGINES}, got {self.engine!r}")
+        _require(self.chunk_rows >= 1, f"{key}.chunk_rows", f"must be >= 1, got {self.chunk_rows}")
 
 
 @dataclass
 class DistillConfig:
     targets: str = "on_policy"
-    """Sequences the teacher scores: 'on_policy' (the student's rollouts) or 'label' (reference answers)."""
+    """Sequences the teacher scores and the student trains on: 'on_policy' (the student's
+    rollouts), 'label' (reference answers) or 'mixed' (both, see label_fraction)."""
+    label_fraction: float = 0.25
+    """Share of reference-answer sequences in each training batch when targets is 'mixed'."""
     top_k: int = 32
-    """Teacher logits stored per token."""
+    """Teacher log-probabilities stored per token."""
     score_batch_size: int = 8
     """Sequences per teacher forward pass."""
+    loss: str = "forward_kl"
+    """Divergence to the teacher: 'forward_kl', 'reverse_kl', 'jsd' (generalized JSD) or 'tv' (total variation)."""
+    beta: float = 0.5
+    """Generalized JSD weight of the teacher in the mixture, 0 = forward KL, 1 = reverse KL; used only by 'jsd'."""
     alpha: float = 0.5
-    """Weight of cross-entropy on the sequence tokens; 1 - alpha weights the KL to the teacher."""
+    """Weight of cross-entropy on the sequence tokens; 1 - alpha weights the divergence to the teacher."""
     temperature: float = 1.0
-    """Distillation temperature (1 uses the stored teacher probabilities exactly)."""
+    """Distillation temperature (1 uses the stored teacher probabilities and their tail mass exactly)."""
     learning_rate: float = 5e-5
     """Peak learning rate."""
     epochs: float = 1.0
     """Passes over the scored sequences."""
     batch_size: int = 8
-    """Sequences per optimizer step."""
+    """Sequences per micro-batch and process."""
+    grad_accum: int = 1
+    """Gradient accumulation steps; the loss is normalised by the target tokens of the whole step."""
+    precision: str = "fp32"
+    """Training precision: 'fp32', 'bf16' or 'fp16' (fp16 needs a CUDA or NPU device)."""
 
     def validate(self, key: str) -> None:
-        _require(self.targets in ("on_policy", "label"), f"{key}.targets", f"must be 'on_policy' or 'label', got {self.targets!r}")
+        _require(self.targets in DISTILL_TARGETS, f"{key}.targets", f"must be one of {DISTILL_TARGETS}, got {self.targets!r}")
+        _require(0 < self.label_fraction < 1, f"{key}.label_fraction", f"must be in (0, 1), got {self.label_fraction}")
         _require(self.top_k >= 1, f"{key}.top_k", f"must be >= 1, got {self.top_k}")
         _require(self.score_batch_size >= 1, f"{key}.score_batch_size", f"must be >= 1, got {self.score_batch_size}")
+        _require(self.loss in DISTILL_LOSSES, f"{key}.loss", f"must be one of {DISTILL_LOSSES}, got {self.loss!r}")
+        _require(0 <= self.beta <= 1, f"{key}.beta", f"must be in [0, 1], got {self.beta}")
         _require(0 <= self.alpha <= 1, f"{key}.alpha", f"must be in [0, 1], got {self.alpha}")
         _require(self.temperature > 0, f"{key}.temperature", f"must be > 0, got {self.temperature}")
         _require(0 < self.learning_rate < 1, f"{key}.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
         _require(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.grad_accum >= 1, f"{key}.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 QUANT_SCHEMES = ("int8", "int8-weight", "int4", "fp16")

@@ -122,16 +122,25 @@ def stage_rollout(run: Run) -> dict:
 
     config = run.config
     records = run.records("train")[: config.rollout.records]
+    labels = []
+    if config.distill.targets in ("label", "mixed"):
+        labels = label_rows(load_tokenizer(str(run.sft_final)), records, config.rollout.mode)
     if config.distill.targets == "label":
-        rows = label_rows(load_tokenizer(str(run.sft_final)), records, config.rollout.mode)
-        write_jsonl(run.path("rollouts.jsonl"), rows)
-        return {"rows": len(rows), "source": "label"}
-    return rollout(
+        write_jsonl(run.path("rollouts.jsonl"), labels)
+        return {"rows": len(labels), "label_rows": len(labels), "source": "label"}
+    stats = rollout(
         str(run.sft_final), records, run.path("rollouts.jsonl"),
         mode=config.rollout.mode, samples_per_prompt=config.rollout.samples_per_prompt,
         max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
         top_p=config.rollout.top_p, batch_size=config.rollout.batch_size, seed=config.seed,
+        engine=config.rollout.engine, chunk_rows=config.rollout.chunk_rows,
     )
+    if labels:
+        # Mixed mode scores and trains on both, so the reference answers go in the same rows file.
+        rollouts = [row for row in read_jsonl(run.path("rollouts.jsonl")) if row.get("source") != "label"]
+        write_jsonl(run.path("rollouts.jsonl"), rollouts + labels)
+        stats = {**stats, "rows": len(rollouts) + len(labels), "label_rows": len(labels)}
+    return stats
 
 
 def stage_teacher_sft(run: Run) -> dict:
@@ -158,16 +167,20 @@ def scoring_teacher(run: Run) -> str:
 
 
 def stage_score(run: Run) -> dict:
-    from edgelm.train.models import load_model
-    from edgelm.train.score import score_rows, teacher_identity
+    from edgelm.train.models import load_model, load_tokenizer
+    from edgelm.train.score import check_teacher_and_student, score_rows, teacher_identity
 
     config = run.config
     source = scoring_teacher(run)
-    teacher, _ = load_model(source)
+    teacher, teacher_tokenizer = load_model(source)
+    # The rows were tokenized by the student, so its tokenizer must be the teacher's.
+    vocab_size = check_teacher_and_student(
+        teacher, teacher_tokenizer, load_tokenizer(str(run.sft_final)), str(run.sft_final)
+    )
     return score_rows(
         teacher, read_jsonl(run.path("rollouts.jsonl")), run.path("teacher-topk"),
         top_k=config.distill.top_k, batch_size=config.distill.score_batch_size,
-        teacher_id=teacher_identity(source, teacher),
+        teacher_id=teacher_identity(source, teacher), vocab_size=vocab_size, tokenizer=teacher_tokenizer,
     )
 
 
@@ -177,10 +190,20 @@ def stage_distill(run: Run) -> dict:
     config = run.config.distill
     return distill(
         str(run.sft_final), run.path("rollouts.jsonl"), run.path("teacher-topk"), run.path("distill"),
-        alpha=config.alpha, temperature=config.temperature, learning_rate=config.learning_rate,
-        epochs=config.epochs, batch_size=config.batch_size, max_length=run.config.sft.max_length,
-        seed=run.config.seed,
+        alpha=config.alpha, loss=config.loss, beta=config.beta, temperature=config.temperature,
+        targets=config.targets, label_fraction=config.label_fraction, learning_rate=config.learning_rate,
+        epochs=config.epochs, batch_size=config.batch_size, grad_accum=config.grad_accum,
+        max_length=run.config.sft.max_length, precision=config.precision, seed=run.config.seed,
     )
+
+
+def _heldout_texts(run: Run) -> list[str]:
+    """Chat transcripts of the last export.heldout_records test records, for parity teacher forcing."""
+    from edgelm.export.parity import chat_heldout_texts
+    from edgelm.train.models import load_tokenizer
+
+    records = run.records("test")[-run.config.export.heldout_records:]
+    return chat_heldout_texts(records, load_tokenizer(str(run.path("distill"))))
 
 
 def stage_export(run: Run) -> dict:

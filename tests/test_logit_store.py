@@ -25,7 +25,10 @@ def make_row(seed: int, prompt_len: int = 5, response_len: int = 7, top_k: int =
     rng = np.random.default_rng(seed)
     input_ids = rng.integers(0, vocab, prompt_len + response_len).tolist()
     topk_ids = np.stack([rng.choice(vocab, top_k, replace=False) for _ in range(response_len)])
-    logprobs = -np.sort(np.abs(rng.normal(0, 4, (response_len, top_k))).astype(np.float32), axis=-1)
+    # A real distribution over top_k + 100 tokens, so the top-k leave a tail of mass.
+    logits = rng.normal(0, 3, (response_len, top_k + 100))
+    full = np.sort(logits - np.log(np.exp(logits).sum(-1, keepdims=True)), axis=-1)[:, ::-1]
+    logprobs = np.ascontiguousarray(full[:, :top_k], dtype=np.float32)
     logsumexp = rng.normal(12, 3, response_len).astype(np.float32)
     return input_ids, prompt_len, topk_ids, logprobs, logsumexp
 
@@ -50,20 +53,43 @@ def test_layout_is_128_bytes_at_k32():
 def test_pack_round_trip(vocab):
     layout = PackedLayout(TOP_K if vocab > TOP_K else 2, vocab)
     rng = np.random.default_rng(vocab)
-    ids = rng.integers(0, vocab, (9, layout.top_k))
+    n, k = 9, layout.top_k
+    ids = rng.integers(0, vocab, (n, k))
     ids[0, 0] = vocab - 1
-    logprobs = -np.abs(rng.normal(0, 8, (9, layout.top_k))).astype(np.float32)
-    logprobs[1, :2] = [0.0, -np.inf]
-    logprobs[2, 0] = -1e-7  # below float16's smallest subnormal: stored as 0
-    logsumexp = rng.normal(0, 20, 9).astype(np.float32)
+    logits = rng.normal(0, 3, (n, k + 5))
+    logits[1, -1] = 12.0  # a token with 99% of the mass
+    full = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    logprobs = -np.sort(-full, axis=-1)[:, :k].astype(np.float32)
+    tail = np.log(np.exp(-np.sort(-full, axis=-1)[:, k:]).sum(-1)).astype(np.float32)
+    logsumexp = rng.normal(0, 20, n).astype(np.float32)
 
-    records = layout.pack(ids, logprobs, logsumexp)
-    assert records.shape == (9, layout.bytes_per_token)
-    unpacked_ids, unpacked_logprobs, unpacked_lse = layout.unpack(records)
+    records = layout.pack(ids, logprobs, logsumexp, tail)
+    assert records.shape == (n, layout.bytes_per_token)
+    unpacked_ids, unpacked_logprobs, unpacked_lse, unpacked_tail = layout.unpack(records)
     np.testing.assert_array_equal(unpacked_ids, ids)
-    np.testing.assert_array_equal(unpacked_lse, logsumexp)
-    np.testing.assert_array_equal(unpacked_logprobs, logprobs.astype(np.float16).astype(np.float32))
-    assert unpacked_logprobs[1, 1] == -np.inf
+    # The flag bit changes the float32 log-sum-exp by at most one unit in the last place.
+    np.testing.assert_allclose(unpacked_lse, logsumexp, rtol=2**-22)
+    # Entries 1 to k - 1 round through float16; the larger of top-1 and tail is rebuilt from the rest.
+    np.testing.assert_array_equal(unpacked_logprobs[:, 1:], logprobs[:, 1:].astype(np.float16).astype(np.float32))
+    tail_stored = tail <= logprobs[:, 0]
+    np.testing.assert_array_equal(unpacked_tail[tail_stored], tail[tail_stored].astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(
+        unpacked_logprobs[~tail_stored, 0], logprobs[~tail_stored, 0].astype(np.float16).astype(np.float32)
+    )
+    np.testing.assert_allclose(unpacked_logprobs[:, 0], logprobs[:, 0], rtol=2e-3)
+    np.testing.assert_allclose(unpacked_tail, tail, rtol=2e-3)
+    total = np.exp(unpacked_logprobs.astype(np.float64)).sum(-1) + np.exp(unpacked_tail.astype(np.float64))
+    np.testing.assert_allclose(total, 1.0, atol=1e-6)
+
+
+def test_pack_keeps_no_tail_and_zero_logprob():
+    layout = PackedLayout(2, 2)
+    records = layout.pack(np.array([[1, 0]]), np.array([[0.0, -np.inf]], dtype=np.float32),
+                          np.zeros(1, np.float32), np.array([-np.inf], np.float32))
+    _, logprobs, _, tail = layout.unpack(records)
+    assert logprobs[0, 0] == 0.0
+    assert logprobs[0, 1] == -np.inf
+    assert tail[0] == -np.inf
 
 
 def test_store_round_trip(tmp_path):
@@ -81,10 +107,11 @@ def test_store_round_trip(tmp_path):
         assert targets.input_ids_sha256 == sequence_sha256(input_ids)
         assert targets.topk_ids.dtype == np.int64
         np.testing.assert_array_equal(targets.topk_ids, topk_ids)
-        np.testing.assert_array_equal(targets.logsumexp, logsumexp)
-        # float16 keeps 11 significant bits of -log p.
-        assert np.all(np.abs(targets.topk_logprobs - logprobs) <= np.abs(logprobs) * 2**-11 + 1e-7)
-        np.testing.assert_allclose(targets.topk_logits, targets.topk_logprobs + logsumexp[:, None])
+        np.testing.assert_allclose(targets.logsumexp, logsumexp, rtol=2**-22)
+        # float16 keeps 11 significant bits of -log p; the top-1 value is rebuilt from the others.
+        assert np.all(np.abs(targets.topk_logprobs[:, 1:] - logprobs[:, 1:]) <= np.abs(logprobs[:, 1:]) * 2**-11 + 1e-7)
+        np.testing.assert_allclose(targets.topk_logprobs[:, 0], logprobs[:, 0], rtol=1e-3)
+        np.testing.assert_allclose(targets.topk_logits, targets.topk_logprobs + targets.logsumexp[:, None])
         store.check_sequence(f"row-{seed}/0", input_ids)
 
 

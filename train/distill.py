@@ -1,9 +1,14 @@
-"""Train a student on a teacher's stored top-k logits (offline distillation).
+"""Train a student on a teacher's stored top-k log-probabilities (offline distillation).
 
 The teacher is not loaded: its targets come from a logit store written by
 edgelm.train.score.score_rows over the same rows file. The loss is
-alpha * cross-entropy on the response tokens + (1 - alpha) * top-k KL(teacher || student),
-see edgelm.train.losses.
+alpha * cross-entropy on the response tokens + (1 - alpha) * a top-k divergence to the teacher
+(forward KL, reverse KL, generalized JSD or total variation; see edgelm.train.losses), summed
+over target tokens and divided by the target tokens of the whole optimizer step, so gradient
+accumulation and multiple processes give the gradient of one large batch.
+
+Run it under `accelerate launch` for several processes: Trainer shards the batches, and
+process 0 saves the model.
 """
 
 from __future__ import annotations
@@ -11,22 +16,30 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers.utils import is_torch_npu_available
 
 from edgelm.files import read_jsonl
+from edgelm.train.distributed import gather_objects
 from edgelm.train.logit_store import LogitStore
-from edgelm.train.losses import IGNORE_INDEX, DistillationLoss, distillation_loss
+from edgelm.train.losses import IGNORE_INDEX, DistillationLoss, check_loss_settings, distillation_loss
 from edgelm.train.models import load_model, save_model
+from edgelm.train.preflight import check_same_tokenizer, max_positions, tokenizer_fingerprint
 from edgelm.train.score import output_vocab_size, row_key, row_sequence
 
 log = logging.getLogger(__name__)
 
 # Batch entries with the teacher's targets. compute_loss removes them before the forward pass.
-TARGET_KEYS = ("target_ids", "teacher_ids", "teacher_logits", "teacher_logsumexp", "teacher_mask")
+# "labels" is there only so that Trainer counts the target tokens of each optimizer step
+# (num_items_in_batch), which it reads from the already shifted "shift_labels".
+TARGET_KEYS = ("labels", "shift_labels", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob", "teacher_mask")
+TARGET_MODES = ("on_policy", "label", "mixed")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,17 @@ class DistillExample:
     key: str
     input_ids: list[int]
     response_start: int
+    source: str = "rollout"
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """Loss options passed from distill() to the trainer."""
+
+    alpha: float = 0.5
+    loss: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
 
 
 class DistillDataset(torch.utils.data.Dataset):
@@ -57,8 +81,8 @@ class DistillDataset(torch.utils.data.Dataset):
             "input_ids": example.input_ids[:length],
             "response_start": example.response_start,
             "topk_ids": targets.topk_ids[:num_targets],
-            "topk_logits": targets.topk_logits[:num_targets],
-            "logsumexp": targets.logsumexp[:num_targets],
+            "topk_logprobs": targets.topk_logprobs[:num_targets],
+            "tail_logprob": targets.tail_logprob[:num_targets],
         }
 
 
@@ -66,10 +90,10 @@ class DistillDataset(torch.utils.data.Dataset):
 class DistillCollator:
     """Right-pad a list of DistillDataset items into model inputs and logit-aligned targets.
 
-    Position t of target_ids and of the teacher tensors contains the target for token t + 1,
-    matching the logits at t. target_ids is -100 on prompt positions and padding, so the
+    Position t of shift_labels and of the teacher tensors contains the target for token t + 1,
+    matching the logits at t. shift_labels is -100 on prompt positions and padding, so the
     cross-entropy covers the response tokens only. teacher_mask is True where a teacher target
-    exists, which is the same set of positions.
+    exists, which is the same set of positions. labels is the unshifted form of shift_labels.
     """
 
     pad_token_id: int
@@ -81,103 +105,186 @@ class DistillCollator:
         batch = {
             "input_ids": torch.full((batch_size, length), self.pad_token_id, dtype=torch.long),
             "attention_mask": torch.zeros((batch_size, length), dtype=torch.long),
-            "target_ids": torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long),
+            "labels": torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long),
+            "shift_labels": torch.full((batch_size, length), IGNORE_INDEX, dtype=torch.long),
             "teacher_ids": torch.zeros((batch_size, length, top_k), dtype=torch.long),
-            "teacher_logits": torch.zeros((batch_size, length, top_k), dtype=torch.float32),
-            "teacher_logsumexp": torch.zeros((batch_size, length), dtype=torch.float32),
+            "teacher_logprobs": torch.zeros((batch_size, length, top_k), dtype=torch.float32),
+            "teacher_tail_logprob": torch.zeros((batch_size, length), dtype=torch.float32),
             "teacher_mask": torch.zeros((batch_size, length), dtype=torch.bool),
         }
         for row, feature in enumerate(features):
             input_ids = torch.tensor(feature["input_ids"], dtype=torch.long)
+            start = feature["response_start"]
             batch["input_ids"][row, : len(input_ids)] = input_ids
             batch["attention_mask"][row, : len(input_ids)] = 1
-            positions = slice(feature["response_start"] - 1, len(input_ids) - 1)
-            batch["target_ids"][row, positions] = input_ids[feature["response_start"] :]
+            batch["labels"][row, start : len(input_ids)] = input_ids[start:]
+            positions = slice(start - 1, len(input_ids) - 1)
+            batch["shift_labels"][row, positions] = input_ids[start:]
             batch["teacher_ids"][row, positions] = torch.from_numpy(feature["topk_ids"])
-            batch["teacher_logits"][row, positions] = torch.from_numpy(feature["topk_logits"])
-            batch["teacher_logsumexp"][row, positions] = torch.from_numpy(feature["logsumexp"])
+            batch["teacher_logprobs"][row, positions] = torch.from_numpy(feature["topk_logprobs"])
+            batch["teacher_tail_logprob"][row, positions] = torch.from_numpy(feature["tail_logprob"])
             batch["teacher_mask"][row, positions] = True
         return batch
 
 
+class MixedBatchSampler(torch.utils.data.Sampler[int]):
+    """Order example indices so that every block of `batch_size` has a share `label_fraction` of label rows.
+
+    The per-batch label count alternates between floor and ceil of batch_size * label_fraction,
+    so the running share stays within one row of the target. One epoch uses each rollout row
+    once. Label rows are drawn in shuffled order and reused when the label pool runs out.
+    """
+
+    def __init__(self, sources: list[str], batch_size: int, label_fraction: float, seed: int) -> None:
+        self.rollout_indices = [index for index, source in enumerate(sources) if source != "label"]
+        self.label_indices = [index for index, source in enumerate(sources) if source == "label"]
+        if not self.rollout_indices or not self.label_indices:
+            raise ValueError(
+                f"distill.targets 'mixed' needs rollout rows and label rows; got {len(self.rollout_indices)} rollout "
+                f"and {len(self.label_indices)} label rows, so rerun the rollout stage with distill.targets: mixed"
+            )
+        self.batch_size = batch_size
+        self.label_fraction = label_fraction
+        self.seed = seed
+        self.epoch = 0
+        self._label_counts = self._plan()
+
+    def _plan(self) -> list[int]:
+        """Return the label rows per batch, until the rollout rows are used up."""
+        counts, used_rollouts, index = [], 0, 0
+        while used_rollouts < len(self.rollout_indices):
+            labels = round((index + 1) * self.batch_size * self.label_fraction) - round(index * self.batch_size * self.label_fraction)
+            labels = min(labels, self.batch_size - 1)
+            counts.append(labels)
+            used_rollouts += self.batch_size - labels
+            index += 1
+        return counts
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.rollout_indices) + sum(self._label_counts)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        rollouts = [self.rollout_indices[i] for i in torch.randperm(len(self.rollout_indices), generator=generator)]
+        labels: list[int] = []
+        for label_count in self._label_counts:
+            while len(labels) < label_count:
+                labels += [self.label_indices[i] for i in torch.randperm(len(self.label_indices), generator=generator)]
+            batch = rollouts[: self.batch_size - label_count] + labels[:label_count]
+            rollouts, labels = rollouts[self.batch_size - label_count :], labels[label_count:]
+            yield from batch
+
+
 @dataclass
 class LossTracker:
-    """Sums of the loss parts and token counts, for the progress line and the returned metrics."""
+    """Token-weighted sums of the loss parts, for the progress line and the returned metrics."""
 
-    window: dict = field(default_factory=lambda: {"loss": 0.0, "ce": 0.0, "kl": 0.0, "batches": 0, "tokens": 0})
-    total_loss: float = 0.0
-    total_batches: int = 0
-    total_tokens: int = 0
+    settings: LossSettings = field(default_factory=LossSettings)
+    window: dict = field(default_factory=lambda: {"ce": 0.0, "divergence": 0.0, "targets": 0, "tokens": 0})
+    total: dict = field(default_factory=lambda: {"ce": 0.0, "divergence": 0.0, "targets": 0, "tokens": 0})
     last_window: dict = field(default_factory=dict)
 
     def add(self, parts: DistillationLoss, tokens: int) -> None:
-        loss = float(parts.loss.detach())
-        self.window["loss"] += loss
-        self.window["ce"] += float(parts.ce)
-        self.window["kl"] += float(parts.kl)
-        self.window["batches"] += 1
-        self.window["tokens"] += tokens
-        self.total_loss += loss
-        self.total_batches += 1
-        self.total_tokens += tokens
+        for sums in (self.window, self.total):
+            sums["ce"] += float(parts.ce) * parts.tokens
+            sums["divergence"] += float(parts.divergence) * parts.tokens
+            sums["targets"] += parts.tokens
+            sums["tokens"] += tokens
+
+    def means(self, sums: dict) -> dict:
+        """Return the per-target-token loss, ce and divergence of `sums`, and its input token count."""
+        targets = max(sums["targets"], 1)
+        ce, divergence = sums["ce"] / targets, sums["divergence"] / targets
+        alpha = self.settings.alpha
+        return {"loss": alpha * ce + (1 - alpha) * divergence, "ce": ce, "divergence": divergence, "tokens": sums["tokens"]}
 
     def take_window(self) -> dict:
-        """Return the mean loss parts and the token count since the last call, then reset them."""
-        batches = max(self.window["batches"], 1)
-        means = {name: self.window[name] / batches for name in ("loss", "ce", "kl")}
-        means["tokens"] = self.window["tokens"]
-        self.window = {"loss": 0.0, "ce": 0.0, "kl": 0.0, "batches": 0, "tokens": 0}
-        self.last_window = means
-        return means
+        """Return the means since the last call, then reset them."""
+        self.last_window = self.means(self.window)
+        self.window = {"ce": 0.0, "divergence": 0.0, "targets": 0, "tokens": 0}
+        return self.last_window
 
 
 def forward_distillation_loss(
-    model: PreTrainedModel, inputs: dict, targets: dict, alpha: float, temperature: float
+    model: PreTrainedModel,
+    inputs: dict,
+    targets: dict,
+    settings: LossSettings,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    vocab_size: int | None = None,
 ) -> tuple:
     """Run the student on a DistillCollator batch and return (outputs, DistillationLoss).
 
     `inputs` contains input_ids and attention_mask, and `targets` the TARGET_KEYS entries.
+    `vocab_size` cuts the student's logits to the store's width (padding rows; see
+    edgelm.train.preflight).
     """
     # The logits over the vocabulary are the costliest part of a small model's step, so ask
     # only for the positions from the earliest response target on (prompts carry no targets).
     length = inputs["input_ids"].shape[1]
-    first = int(targets["teacher_mask"].any(dim=0).nonzero()[0]) if targets["teacher_mask"].any() else 0
+    mask = targets["teacher_mask"]
+    first = int(mask.any(dim=0).nonzero()[0]) if mask.any() else 0
     outputs = model(
         input_ids=inputs["input_ids"],
         attention_mask=inputs["attention_mask"],
         use_cache=False,
         logits_to_keep=length - first,
     )
-    sliced = {name: tensor[:, first:] for name, tensor in targets.items()}
+    logits = outputs.logits if vocab_size is None else outputs.logits[..., :vocab_size]
     parts = distillation_loss(
-        outputs.logits,
-        sliced["target_ids"],
-        sliced["teacher_ids"],
-        sliced["teacher_logits"],
-        sliced["teacher_logsumexp"],
-        sliced["teacher_mask"],
-        alpha=alpha,
-        temperature=temperature,
+        logits,
+        targets["shift_labels"][:, first:],
+        targets["teacher_ids"][:, first:],
+        targets["teacher_logprobs"][:, first:],
+        mask[:, first:],
+        alpha=settings.alpha,
+        loss=settings.loss,
+        beta=settings.beta,
+        temperature=settings.temperature,
+        teacher_tail_logprob=targets["teacher_tail_logprob"][:, first:],
+        num_items_in_batch=num_items_in_batch,
     )
     return outputs, parts
 
 
 class DistillTrainer(Trainer):
-    """Trainer whose loss is distillation_loss against the batch's stored teacher targets."""
+    """Trainer whose loss is distillation_loss against the batch's stored teacher targets.
 
-    def __init__(self, *args, alpha: float, temperature: float, tracker: LossTracker, **kwargs) -> None:
+    The loss is a sum over target tokens divided by Trainer's num_items_in_batch (the target
+    tokens of the whole optimizer step, over all processes), so 8 micro-batches of 1 sequence
+    give the same gradient as 1 batch of 8.
+    """
+
+    def __init__(
+        self, *args, settings: LossSettings, tracker: LossTracker, vocab_size: int | None = None,
+        sampler: torch.utils.data.Sampler | None = None, **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.alpha = alpha
-        self.temperature = temperature
+        self.settings = settings
         self.tracker = tracker
+        self.vocab_size = vocab_size
+        self.sampler = sampler
+        # Makes Trainer count num_items_in_batch and skip its division by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
+
+    def _get_train_sampler(self, train_dataset=None):
+        return self.sampler if self.sampler is not None else super()._get_train_sampler(train_dataset)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Each micro-batch loss is a mean over its own positions, and Trainer divides it by the
-        # gradient accumulation steps because the batch has no "labels" to count items from.
         targets = {name: inputs.pop(name) for name in TARGET_KEYS}
-        outputs, parts = forward_distillation_loss(model, inputs, targets, self.alpha, self.temperature)
+        outputs, parts = forward_distillation_loss(
+            model, inputs, targets, self.settings, num_items_in_batch, self.vocab_size
+        )
         self.tracker.add(parts, tokens=int(inputs["attention_mask"].sum()))
-        return (parts.loss, outputs) if return_outputs else parts.loss
+        loss = parts.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts the targets of every process, and DDP averages the
+            # gradients over processes, so scale back up to a sum over all targets.
+            loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss
 
 
 class DistillProgressCallback(TrainerCallback):
@@ -199,43 +306,58 @@ class DistillProgressCallback(TrainerCallback):
         window = self.tracker.take_window()
         tokens_per_s = window["tokens"] / max(now - self._window_start, 1e-9)
         self._window_start = now
+        if not state.is_world_process_zero:
+            return
         learning_rate = lr_scheduler.get_last_lr()[0] if lr_scheduler is not None else float("nan")
         log.info(
-            "distill step %d/%d | loss %.4f (ce %.2f kl %.2f) | lr %.1e | %.0f tok/s",
+            "distill step %d/%d | loss %.4f (ce %.2f %s %.2f) | lr %.1e | %.0f tok/s",
             step,
             state.max_steps,
             window["loss"],
             window["ce"],
-            window["kl"],
+            self.tracker.settings.loss,
+            window["divergence"],
             learning_rate,
             tokens_per_s,
         )
 
 
-def check_vocab_sizes(model: PreTrainedModel, tokenizer, store: LogitStore) -> None:
-    """Raise ValueError unless the student's logits are as wide as the store's vocabulary.
+def check_student(model: PreTrainedModel, tokenizer, store: LogitStore, max_length: int) -> int | None:
+    """Run the pre-flight checks of the student against the store; return the width to cut logits to.
 
-    The tokenizer may have fewer tokens than the logits width (some models pad the embedding
-    matrix), but never more.
+    Raises ValueError when the student's tokenizer differs from the teacher's fingerprint in the
+    store, when the widths differ by more than padding, or when max_length exceeds the student's
+    max_position_embeddings. Returns None when no cut is needed.
     """
+    if store.tokenizer is not None:
+        check_same_tokenizer(store.tokenizer, tokenizer_fingerprint(tokenizer))
+    else:
+        log.warning("logit store %s has no tokenizer fingerprint; the student's tokenizer is not checked", store.path)
     width = output_vocab_size(model)
-    if width != store.vocab_size:
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
         raise ValueError(
-            f"the student's logits have {width} entries but logit store {store.path} has vocab_size "
-            f"{store.vocab_size}; the student and teacher must share a tokenizer and vocabulary"
+            f"max_length={max_length} exceeds the student's max_position_embeddings={limit}; lower max_length "
+            f"(distill uses sft.max_length in the pipeline)"
         )
-    if len(tokenizer) > store.vocab_size:
-        raise ValueError(
-            f"the student's tokenizer has {len(tokenizer)} tokens but logit store {store.path} has vocab_size "
-            f"{store.vocab_size}; the student and teacher must share a tokenizer"
-        )
+    if width == store.vocab_size:
+        return None
+    if width > store.vocab_size and len(tokenizer) <= store.vocab_size:
+        log.info("student logits width %d cut to the store's vocab_size %d (padding rows)", width, store.vocab_size)
+        return store.vocab_size
+    raise ValueError(
+        f"the student's logits have {width} entries and its tokenizer {len(tokenizer)} tokens, but logit store "
+        f"{store.path} has vocab_size {store.vocab_size}; the student and teacher must share a tokenizer, and a "
+        f"width difference is allowed only for padding rows beyond the last token id (rescore with the student's "
+        f"width if the teacher's embedding is the wider one)"
+    )
 
 
 def load_examples(rows: list[dict], store: LogitStore, max_length: int) -> tuple[list[DistillExample], int]:
     """Check each row against the store and return its examples plus the count of rows dropped.
 
     A row is dropped (with a warning) when its prompt alone fills max_length. A row missing from
-    the store, or scored from other input_ids, raises ValueError.
+    the store, or scored from other input_ids, raises ValueError naming the row.
     """
     examples = []
     missing = []
@@ -250,15 +372,40 @@ def load_examples(rows: list[dict], store: LogitStore, max_length: int) -> tuple
         if response_start >= max_length:
             too_long += 1
             continue
-        examples.append(DistillExample(key, input_ids, response_start))
+        examples.append(DistillExample(key, input_ids, response_start, row.get("source", "rollout")))
     if missing:
         raise ValueError(
             f"{len(missing)} of {len(rows)} rows have no teacher targets in logit store {store.path} "
-            f"(first: {missing[:3]}); score them with edgelm.train.score.score_rows first"
+            f"(first: {missing[:3]}); score them first (rerun with `--from score`)"
         )
     if too_long:
         log.warning("dropped %d rows whose prompt has max_length=%d tokens or more", too_long, max_length)
     return examples, too_long
+
+
+def select_rows(rows: list[dict], targets: str) -> list[dict]:
+    """Return the rows that distill.targets trains on: rollouts, label rows, or both for 'mixed'."""
+    if targets not in TARGET_MODES:
+        raise ValueError(f"targets={targets!r} is not one of {TARGET_MODES}")
+    if targets == "mixed":
+        return rows
+    wanted = "label" if targets == "label" else "rollout"
+    selected = [row for row in rows if row.get("source", "rollout") == wanted]
+    if not selected:
+        raise ValueError(
+            f"distill.targets={targets!r} needs rows with source {wanted!r}, but the rows file has none; "
+            f"rerun the rollout stage (`--from rollout`)"
+        )
+    return selected
+
+
+def _precision_args(precision: str) -> dict:
+    """Return the TrainingArguments flags for `precision`, checking that the device supports it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is not one of {PRECISIONS}")
+    if precision == "fp16" and not (torch.cuda.is_available() or is_torch_npu_available()):
+        raise ValueError("precision='fp16' needs a CUDA or NPU device; use 'bf16' or 'fp32' on CPU")
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
 def distill(
@@ -268,43 +415,61 @@ def distill(
     out_dir: str | Path,
     *,
     alpha: float = 0.5,
+    loss: str = "forward_kl",
+    beta: float = 0.5,
     temperature: float = 1.0,
+    targets: str = "on_policy",
+    label_fraction: float = 0.5,
     learning_rate: float = 5e-5,
-    epochs: int = 1,
+    epochs: float = 1.0,
     batch_size: int = 8,
     grad_accum: int = 1,
     max_length: int = 512,
+    precision: str = "fp32",
     seed: int = 0,
     logging_steps: int = 10,
+    max_steps: int = -1,
 ) -> dict:
     """Train the student on the rows in `rows_path` against the teacher targets in `store_dir`.
 
-    Sequences longer than max_length are cut to max_length tokens, and their targets with them.
-    The trained model and tokenizer are saved to out_dir, replacing it atomically.
+    `targets` picks the rows: "on_policy" (the student's rollouts), "label" (reference answers)
+    or "mixed" (both, with a share `label_fraction` of label rows in every batch). Sequences
+    longer than max_length are cut to max_length tokens, and their targets with them. The
+    trained model and tokenizer are saved to out_dir by process 0, replacing it atomically.
 
-    Returns metrics: rows, dropped_rows, steps, train_loss (mean over all micro-batches),
-    final_loss, final_ce and final_kl (means over the last logging window), tokens (non-padding
-    input tokens processed), seconds, tokens_per_s.
+    Returns metrics: rows, dropped_rows, steps, train_loss, train_ce and train_divergence
+    (token-weighted means over the whole run and all processes), final_loss, final_ce and
+    final_divergence (the last logging window of this process), tokens (non-padding input tokens processed), seconds, tokens_per_s,
+    processes and precision.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1 (the weight of the cross-entropy term)")
+    check_loss_settings(loss, beta, temperature)
+    if targets == "mixed" and not 0.0 < label_fraction < 1.0:
+        raise ValueError(f"label_fraction={label_fraction} must be between 0 and 1 (exclusive) for targets 'mixed'")
+    precision_args = _precision_args(precision)
     store = LogitStore(store_dir)
     model, tokenizer = load_model(str(student_dir))
-    check_vocab_sizes(model, tokenizer, store)
-    rows = read_jsonl(rows_path)
+    vocab_size = check_student(model, tokenizer, store, max_length)
+    rows = select_rows(read_jsonl(rows_path), targets)
     examples, dropped = load_examples(rows, store, max_length)
     if not examples:
         raise ValueError(f"no rows to train on in {rows_path} ({len(rows)} rows, {dropped} longer than max_length)")
-    log.info("distilling %s on %d rows from %s (teacher %s)", student_dir, len(examples), rows_path, store.teacher_id)
+    log.info("distilling %s on %d rows from %s (teacher %s, %s)", student_dir, len(examples), rows_path, store.teacher_id, loss)
 
     set_seed(seed)
-    tracker = LossTracker()
+    settings = LossSettings(alpha=alpha, loss=loss, beta=beta, temperature=temperature)
+    tracker = LossTracker(settings)
+    sampler = None
+    if targets == "mixed":
+        sampler = MixedBatchSampler([example.source for example in examples], batch_size, label_fraction, seed)
     with tempfile.TemporaryDirectory(prefix="edgelm-distill-") as trainer_dir:
         args = TrainingArguments(
             output_dir=trainer_dir,
             per_device_train_batch_size=batch_size,
             gradient_accumulation_steps=grad_accum,
             num_train_epochs=epochs,
+            max_steps=max_steps,
             learning_rate=learning_rate,
             seed=seed,
             data_seed=seed,
@@ -313,7 +478,8 @@ def distill(
             logging_strategy="no",
             remove_unused_columns=False,
             dataloader_num_workers=0,
-            use_cpu=not torch.cuda.is_available(),
+            use_cpu=not (torch.cuda.is_available() or is_torch_npu_available()),
+            **precision_args,
         )
         trainer = DistillTrainer(
             model=model,
@@ -321,27 +487,36 @@ def distill(
             train_dataset=DistillDataset(examples, store, max_length),
             data_collator=DistillCollator(pad_token_id=tokenizer.pad_token_id),
             callbacks=[DistillProgressCallback(tracker, logging_steps)],
-            alpha=alpha,
-            temperature=temperature,
+            settings=settings,
             tracker=tracker,
+            vocab_size=vocab_size,
+            sampler=sampler,
         )
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start
 
-    save_model(trainer.model, tokenizer, out_dir)
-    final = tracker.last_window
+    if trainer.is_world_process_zero():
+        save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out_dir)
+    trainer.accelerator.wait_for_everyone()
+    # Each process tracked its own batches; sum them so every process returns the same totals.
+    summed = {name: sum(sums[name] for sums in gather_objects(tracker.total)) for name in tracker.total}
+    final, total = tracker.last_window, tracker.means(summed)
     metrics = {
         "rows": len(examples),
         "dropped_rows": dropped,
         "steps": trainer.state.global_step,
-        "train_loss": tracker.total_loss / max(tracker.total_batches, 1),
+        "train_loss": total["loss"],
+        "train_ce": total["ce"],
+        "train_divergence": total["divergence"],
         "final_loss": final.get("loss", float("nan")),
         "final_ce": final.get("ce", float("nan")),
-        "final_kl": final.get("kl", float("nan")),
-        "tokens": tracker.total_tokens,
+        "final_divergence": final.get("divergence", float("nan")),
+        "tokens": total["tokens"],
         "seconds": round(seconds, 3),
-        "tokens_per_s": round(tracker.total_tokens / seconds, 1) if seconds > 0 else 0.0,
+        "tokens_per_s": round(total["tokens"] / seconds, 1) if seconds > 0 else 0.0,
+        "processes": trainer.accelerator.num_processes,
+        "precision": precision,
     }
     log.info("distillation finished, model saved to %s: %s", out_dir, metrics)
     return metrics

@@ -46,7 +46,10 @@ def process_info() -> ProcessInfo:
         # torch_npu registers the "npu" device type with torch when imported.
         import torch_npu  # noqa: F401
 
-    state = PartialState()
+    # cpu=True on a machine without an accelerator makes accelerate start the gloo backend
+    # for several processes; otherwise it stays single-process on CPU under torchrun.
+    has_accelerator = torch.cuda.is_available() or (hasattr(torch, "npu") and torch.npu.is_available())
+    state = PartialState(cpu=not has_accelerator)
     return ProcessInfo(rank=state.process_index, world_size=state.num_processes, device=state.device)
 
 

@@ -9,10 +9,19 @@ Layout version 2 of a store folder:
 One token is one fixed-size record of bytes_per_token bytes:
   * k entries of (id_bits + 15) bits each, bit-packed big-endian with numpy.packbits, then
     zero-padded to a whole byte. id_bits = ceil(log2(vocab_size)), 16 for a vocabulary of
-    49,152. The 15 value bits are the teacher's -log p as float16 without its sign bit, which
-    is always 0 because log p <= 0.
-  * the log-sum-exp of the teacher's logits over the full vocabulary, float32 little-endian.
+    49,152. The 15 value bits are a -log p as float16 without its sign bit, which is always 0
+    because log p <= 0. Entries are in descending probability.
+  * the log-sum-exp of the teacher's logits over the full vocabulary, float32 little-endian,
+    whose lowest mantissa bit is replaced by a flag (a relative change of at most 2^-23).
 At k = 32 and vocab_size 49,152: ceil(32 * 31 / 8) + 4 = 124 + 4 = 128 bytes per token.
+
+The k top-k probabilities and the tail mass p_tail (outside the top-k) sum to 1, so one of
+them is stored implicitly: the largest of the top-1 probability and p_tail, rebuilt by the
+reader as 1 minus the others. Flag 0: the top-1 is implicit, and entry 0 holds the top-1 id
+with -log p_tail as its value. Flag 1: p_tail is implicit and every entry holds its own value.
+Rebuilding the largest class keeps the cancellation error small relative to it. Rebuilding a
+small tail instead, as p_tail = 1 - sum(p_i), would be wrong by tens of percent when the top-k
+holds 99.99% of the mass, because each p_i carries fp16 rounding.
 
 Rows are identified by a key ("{id}/{sample}" from the rollout stage). A row's tokens sit
 contiguously in one shard. Token i of a row is the teacher's distribution for
@@ -86,13 +95,20 @@ class PackedLayout:
             "id_bits": self.id_bits,
             "value": "-logprob as float16 without the sign bit",
             "value_bits": VALUE_BITS,
-            "lse": "float32 little-endian, last 4 bytes",
+            "lse": "float32 little-endian, last 4 bytes; lowest bit: 1 when the tail is implicit",
             "bytes_per_token": self.bytes_per_token,
         }
 
-    def pack(self, ids: np.ndarray, logprobs: np.ndarray, logsumexp: np.ndarray) -> np.ndarray:
-        """Return uint8 [n, bytes_per_token] records for ids [n, k], logprobs [n, k] and logsumexp [n]."""
+    def pack(self, ids: np.ndarray, logprobs: np.ndarray, logsumexp: np.ndarray, tail_logprob: np.ndarray) -> np.ndarray:
+        """Return uint8 [n, bytes_per_token] records.
+
+        ids and logprobs are [n, k] in descending probability, logsumexp and tail_logprob
+        (log of the mass outside the top-k, -inf for none) are [n].
+        """
         n = ids.shape[0]
+        tail_is_implicit = tail_logprob > logprobs[:, 0]
+        first = np.where(tail_is_implicit, logprobs[:, 0], tail_logprob)
+        logprobs = np.concatenate([first[:, None], logprobs[:, 1:]], axis=-1)
         # Big-endian bytes, so unpackbits yields the most significant bit first.
         id_bits = np.unpackbits(ids.astype(">u4").view(np.uint8).reshape(n, self.top_k, 4), axis=-1)
         id_bits = id_bits[..., 32 - self.id_bits :]
@@ -101,11 +117,12 @@ class PackedLayout:
         value_bits = np.unpackbits(negated.view(np.uint8).reshape(n, self.top_k, 2), axis=-1)[..., 1:]
         entries = np.concatenate([id_bits, value_bits], axis=-1).reshape(n, self.top_k * self.entry_bits)
         packed = np.packbits(entries, axis=-1)
-        lse = np.ascontiguousarray(logsumexp, dtype="<f4").view(np.uint8).reshape(n, LSE_BYTES)
-        return np.concatenate([packed, lse], axis=-1)
+        lse_bits = np.ascontiguousarray(logsumexp, dtype="<f4").view("<u4")
+        lse_bits = (lse_bits & np.uint32(0xFFFFFFFE)) | tail_is_implicit.astype("<u4")
+        return np.concatenate([packed, lse_bits.view(np.uint8).reshape(n, LSE_BYTES)], axis=-1)
 
-    def unpack(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Return (ids int64 [n, k], logprobs float32 [n, k], logsumexp float32 [n]) from records."""
+    def unpack(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Return ids int64 [n, k], logprobs float32 [n, k], logsumexp and tail_logprob float32 [n]."""
         n = records.shape[0]
         records = np.ascontiguousarray(records)
         bits = np.unpackbits(records[:, : self.packed_bytes], axis=-1, count=self.top_k * self.entry_bits)
@@ -115,9 +132,19 @@ class PackedLayout:
         ids = np.packbits(id_bits, axis=-1).view(">u4")[..., 0].astype(np.int64)
         value_bits = np.zeros((n, self.top_k, 16), dtype=np.uint8)
         value_bits[..., 1:] = bits[..., self.id_bits :]
-        logprobs = -np.packbits(value_bits, axis=-1).view(">f2")[..., 0].astype(np.float32)
-        logsumexp = records[:, self.packed_bytes :].copy().view("<f4")[:, 0].astype(np.float32)
-        return ids, logprobs, logsumexp
+        logprobs = -np.packbits(value_bits, axis=-1).view(">f2")[..., 0].astype(np.float64)
+        lse_bits = records[:, self.packed_bytes :].copy().view("<u4")[:, 0]
+        tail_is_implicit = (lse_bits & 1).astype(bool)
+        logsumexp = (lse_bits & np.uint32(0xFFFFFFFE)).view("<f4").astype(np.float32)
+
+        # The implicit class is what the stored ones leave of 1 (in float64).
+        rest = np.exp(logprobs[:, 1:]).sum(-1)
+        with np.errstate(divide="ignore"):
+            implicit_top = np.log(np.maximum(1.0 - np.exp(logprobs[:, 0]) - rest, np.exp(logprobs[:, 1:2]).max(-1, initial=0.0)))
+            implicit_tail = np.log(np.maximum(1.0 - np.exp(logprobs[:, 0]) - rest, 0.0))
+        tail_logprob = np.where(tail_is_implicit, implicit_tail, logprobs[:, 0])
+        logprobs[:, 0] = np.where(tail_is_implicit, logprobs[:, 0], implicit_top)
+        return ids, logprobs.astype(np.float32), logsumexp, tail_logprob.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -127,6 +154,7 @@ class TeacherTargets:
     topk_ids: np.ndarray  # [n, k] int64
     topk_logprobs: np.ndarray  # [n, k] float32, log p over the full vocabulary
     logsumexp: np.ndarray  # [n] float32
+    tail_logprob: np.ndarray  # [n] float32, log of the mass outside the top-k (-inf for none)
     response_start: int
     input_ids_sha256: str
 
@@ -247,6 +275,7 @@ class LogitStoreWriter:
         topk_ids: np.ndarray,
         topk_logprobs: np.ndarray,
         logsumexp: np.ndarray,
+        tail_logprob: np.ndarray | None = None,
     ) -> bool:
         """Buffer one row's targets; return False (and store nothing) if the row is already stored.
 
@@ -257,6 +286,8 @@ class LogitStoreWriter:
             topk_ids: [n, k] top-k token ids, n = len(input_ids) - response_start.
             topk_logprobs: [n, k] the teacher's log-probabilities (logit - logsumexp) for those ids.
             logsumexp: [n] log-sum-exp of the teacher's logits over the full vocabulary.
+            tail_logprob: [n] log of the teacher's mass outside the top-k, computed from the full
+                logits. None derives it as log(1 - sum(p_i)), which is imprecise for small tails.
         """
         if self.is_stored(key, input_ids):
             return False
@@ -264,10 +295,18 @@ class LogitStoreWriter:
         topk_logprobs = np.asarray(topk_logprobs, dtype=np.float32)
         logsumexp = np.asarray(logsumexp, dtype=np.float32)
         self._check_row(key, len(input_ids), response_start, topk_ids, topk_logprobs, logsumexp)
+        if tail_logprob is None:
+            with np.errstate(divide="ignore"):
+                tail_logprob = np.log(np.maximum(1.0 - np.exp(topk_logprobs.astype(np.float64)).sum(-1), 0.0))
+        tail_logprob = np.asarray(tail_logprob, dtype=np.float32)
+        # Entry 0 must be the top-1 token, whose value the reader rebuilds.
+        order = np.argsort(-topk_logprobs, axis=-1, kind="stable")
+        topk_ids = np.take_along_axis(topk_ids, order, axis=-1)
+        topk_logprobs = np.take_along_axis(topk_logprobs, order, axis=-1)
 
         sha = sequence_sha256(input_ids)
         entry = {"response_start": int(response_start), "tokens": int(logsumexp.shape[0]), "input_ids_sha256": sha}
-        self._pending.append((key, entry, self.layout.pack(topk_ids, topk_logprobs, logsumexp)))
+        self._pending.append((key, entry, self.layout.pack(topk_ids, topk_logprobs, logsumexp, tail_logprob)))
         self._pending_keys[key] = sha
         if len(self._pending) >= self.rows_per_shard:
             self.flush()
@@ -476,11 +515,12 @@ class LogitStore:
         """Return one row's targets as in-memory arrays (ids int64, log-probabilities and log-sum-exp fp32)."""
         row = self._row(key)
         records = self._shard_records(row["shard"])[row["offset"] : row["offset"] + row["tokens"]]
-        ids, logprobs, logsumexp = self.layout.unpack(records)
+        ids, logprobs, logsumexp, tail_logprob = self.layout.unpack(records)
         return TeacherTargets(
             topk_ids=ids,
             topk_logprobs=logprobs,
             logsumexp=logsumexp,
+            tail_logprob=tail_logprob,
             response_start=int(row["response_start"]),
             input_ids_sha256=row["input_ids_sha256"],
         )

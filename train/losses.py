@@ -52,12 +52,14 @@ class _Distributions:
 
 
 def _topk_distributions(
-    student: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float
+    student: torch.Tensor, ids: torch.Tensor, teacher_logprobs: torch.Tensor, temperature: float,
+    teacher_tail_logprob: torch.Tensor | None,
 ) -> _Distributions:
     """Build both distributions over the teacher's k ids, plus one tail class when k < V.
 
     At temperature 1 the teacher's top-k probabilities are exact and the mass outside them is
-    the tail class, p_tail = 1 - sum p_i, compared with the student's mass outside the same ids.
+    the tail class, compared with the student's mass outside the same ids. The teacher's tail
+    is `teacher_tail_logprob` when given, else 1 - sum p_i (which cancels badly for small tails).
     At any other temperature the teacher's tail at that temperature is unknown, so both models
     are restricted to the k ids and renormalised there. With k = V both cases are exact.
     """
@@ -80,10 +82,15 @@ def _topk_distributions(
     log_q = torch.cat([log_q_topk, log_q_tail], dim=-1)
 
     p_topk = teacher_logprobs.exp()
-    # fp16 rounding of the stored values can push sum(p_i) slightly above 1.
-    p_tail = (1.0 - p_topk.sum(-1, keepdim=True)).clamp_min(0.0)
+    if teacher_tail_logprob is not None:
+        log_p_tail = teacher_tail_logprob.unsqueeze(-1)
+        p_tail = log_p_tail.exp()
+    else:
+        # fp16 rounding of stored values can push sum(p_i) slightly above 1.
+        p_tail = (1.0 - p_topk.sum(-1, keepdim=True)).clamp_min(0.0)
+        log_p_tail = p_tail.clamp_min(_MIN_PROB).log()
     p = torch.cat([p_topk, p_tail], dim=-1)
-    log_p = torch.cat([teacher_logprobs, p_tail.clamp_min(_MIN_PROB).log()], dim=-1)
+    log_p = torch.cat([teacher_logprobs, log_p_tail], dim=-1)
     return _Distributions(p, _finite_log(log_p), log_q.exp(), _finite_log(log_q))
 
 
@@ -130,6 +137,7 @@ def topk_divergence(
     loss: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    teacher_tail_logprob: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return the divergence `loss` at each masked-in position, as a 1-D fp32 tensor [N].
 
@@ -144,6 +152,8 @@ def topk_divergence(
         temperature: softmax temperature for both models. The result is multiplied by
             temperature**2, the usual factor that keeps gradient sizes comparable across
             temperatures (trl's generalized_jsd_loss does not apply it).
+        teacher_tail_logprob: [B, T] float, log of the teacher's mass outside its top-k, as
+            the logit store keeps it. None derives it from teacher_logprobs.
 
     Values are clamped at 0 per position, because fp16 rounding of the stored teacher values
     can make a divergence slightly negative.
@@ -155,9 +165,10 @@ def topk_divergence(
     student = student_logits[mask].float()
     ids = teacher_ids[mask].long()
     teacher = teacher_logprobs[mask].float()
+    tail = teacher_tail_logprob[mask].float() if teacher_tail_logprob is not None else None
     if student.shape[0] == 0:
         return student.sum(-1)
-    dist = _topk_distributions(student, ids, teacher, temperature)
+    dist = _topk_distributions(student, ids, teacher, temperature, tail)
     return _divergence(dist, loss, beta).clamp_min(0.0) * temperature**2
 
 
@@ -207,6 +218,7 @@ def distillation_loss(
     loss: str = "forward_kl",
     beta: float = 0.5,
     temperature: float = 1.0,
+    teacher_tail_logprob: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> DistillationLoss:
     """Combine alpha * cross-entropy on `labels` with (1 - alpha) * topk_divergence.
@@ -222,7 +234,9 @@ def distillation_loss(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1 (the weight of the cross-entropy term)")
     ce = cross_entropy_per_position(student_logits, labels)
-    divergence = topk_divergence(student_logits, teacher_ids, teacher_logprobs, mask, loss, beta, temperature)
+    divergence = topk_divergence(
+        student_logits, teacher_ids, teacher_logprobs, mask, loss, beta, temperature, teacher_tail_logprob
+    )
     tokens = int(mask.sum())
     if num_items_in_batch is None:
         denominator = max(tokens, 1)

@@ -1,27 +1,41 @@
 """On-policy rollouts: the student answers the training prompts, and each answer is stored as token ids.
 
 Rows (one JSON object per line) are what teacher scoring and distillation read:
-    {"id", "sample", "source": "rollout" | "label", "mode", "prompt_ids", "response_ids",
-     "text", "finished"}
+    {"id", "sample", "source": "rollout" | "label", "mode", "checkpoint", "sampling", "prompt_ids",
+     "response_ids", "text", "finished"}
 `finished` is false when generation hit max_new_tokens before the end-of-turn token.
-Reference answers become rows of the same shape with source "label" (`label_rows`), which is how
-the label-based distillation mode reuses the same scoring and training code.
+`checkpoint` is "PATH@HASH", the student that generated the row (HASH: 12 hex digits of the
+SHA-256 of its weight files), and `sampling` the engine, temperature, top_p,
+max_new_tokens and seed it used. Reference answers become rows of the same shape with source
+"label" (`label_rows`), which is how the label-based and mixed distillation modes reuse the
+same scoring and training code.
+
+Rows are written in chunks while generating: numbered files in `<out>.chunks/`, each renamed
+into place when complete, so a killed run leaves no partial line behind. A re-run skips the
+(id, sample) pairs already in a chunk or in the output file, as long as they came from the same
+checkpoint, mode and sampling settings. At the end the chunks are merged into the output file, atomically. Under
+`accelerate launch` each process generates every world_size-th prompt and process 0 merges.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from edgelm.files import write_jsonl
+from edgelm.files import read_jsonl, write_jsonl
 from edgelm.train.chat import prompt_ids, target_text
-from edgelm.train.models import load_model
+from edgelm.train.distributed import ProcessInfo, barrier, gather_objects, process_info, shard_for_rank
+from edgelm.train.models import load_model, load_tokenizer, resolve_source
+from edgelm.train.preflight import check_sequence_lengths, checkpoint_hash, max_positions
 
 log = logging.getLogger(__name__)
+
+ENGINES = ("hf", "vllm")
 
 
 @torch.no_grad()
@@ -40,8 +54,8 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     torch.manual_seed(seed)
     sampling = temperature > 0
     output = model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        input_ids=input_ids.to(model.device),
+        attention_mask=attention_mask.to(model.device),
         max_new_tokens=max_new_tokens,
         do_sample=sampling,
         temperature=temperature if sampling else None,
@@ -60,6 +74,82 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     return results
 
 
+def generate_vllm(model_source: str, prompts: list[list[int]], *, eos_id: int, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[tuple[list[int], bool]]:
+    """Generate with vLLM; return (response ids, finished) per prompt, like generate_batch.
+
+    NOTE: written against vLLM's LLM.generate with TokensPrompt inputs, but never run here
+    (vLLM needs a CUDA machine). Each prompt gets its own seed, seed + index.
+    """
+    try:
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+    except ImportError as error:
+        raise RuntimeError(
+            f"rollout.engine is 'vllm' but vllm cannot be imported ({error}); install vllm on a CUDA "
+            f"machine (`pip install vllm`) or set rollout.engine: hf"
+        ) from error
+    source = resolve_source(model_source)
+    if source.gguf_file:
+        raise ValueError(f"rollout.engine 'vllm' needs a Hugging Face model folder, got the GGUF file {model_source}")
+    llm = LLM(model=source.location, seed=seed)
+    params = [
+        SamplingParams(
+            n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
+            stop_token_ids=[eos_id], seed=seed + index,
+        )
+        for index in range(len(prompts))
+    ]
+    outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=True)
+    results = []
+    for output in outputs:
+        completion = output.outputs[0]
+        response = list(completion.token_ids)
+        finished = completion.finish_reason == "stop"
+        # Keep the end-of-turn token, as generate_batch does, whether or not vLLM returned it.
+        if finished and (not response or response[-1] != eos_id):
+            response.append(eos_id)
+        results.append((response, finished))
+    return results
+
+
+def checkpoint_id(model_source: str) -> str:
+    """Return "SOURCE@HASH" for the model that generates rollouts (see edgelm.train.preflight.checkpoint_hash)."""
+    return f"{model_source}@{checkpoint_hash(model_source)}"
+
+
+def chunk_dir(out_path: str | Path) -> Path:
+    """Return the folder of numbered chunk files next to `out_path`."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".chunks")
+
+
+def _existing_rows(out_path: Path, origin: dict, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], dict]:
+    """Return the rows already written for `wanted` (id, sample) pairs with the same `origin`.
+
+    `origin` maps row fields (checkpoint, mode, sampling) to the values of this run; a row
+    generated with any other value is ignored, so changed settings never reuse old samples.
+    """
+    files = sorted(chunk_dir(out_path).glob("*.jsonl"))
+    if out_path.is_file():
+        files.insert(0, out_path)
+    rows: dict[tuple[str, int], dict] = {}
+    stale = 0
+    for path in files:
+        for row in read_jsonl(path):
+            if row.get("source", "rollout") != "rollout":
+                continue
+            pair = (row["id"], row["sample"])
+            if pair not in wanted:
+                continue
+            if any(row.get(name) != value for name, value in origin.items()):
+                stale += 1
+                continue
+            rows[pair] = row
+    if stale:
+        log.warning("ignoring %d rollout rows generated by another checkpoint or other settings than %s", stale, origin)
+    return rows
+
+
 def rollout(
     model_source: str,
     records: list[dict],
@@ -72,45 +162,163 @@ def rollout(
     top_p: float = 1.0,
     batch_size: int = 16,
     seed: int = 0,
+    engine: str = "hf",
+    chunk_rows: int = 256,
+    process: ProcessInfo | None = None,
 ) -> dict:
-    """Have the model at `model_source` answer each record's prompt; write rows to `out_path`."""
-    model, tokenizer = load_model(model_source)
-    model.eval()
-    jobs = [(record, sample) for record in records for sample in range(samples_per_prompt)]
-    # Similar prompt lengths in one batch waste less compute on padding.
-    encoded = [(record, sample, prompt_ids(tokenizer, record, mode)) for record, sample in jobs]
-    encoded.sort(key=lambda job: len(job[2]))
+    """Have the model at `model_source` answer each record's prompt `samples_per_prompt` times; write rows to `out_path`.
 
-    rows, start = [], time.perf_counter()
-    for offset in tqdm(range(0, len(encoded), batch_size), desc=f"rollout ({mode})", unit="batch"):
-        batch = encoded[offset : offset + batch_size]
-        outputs = generate_batch(
-            model, tokenizer, [ids for _, _, ids in batch],
-            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed + offset,
-        )
-        for (record, sample, ids), (response, finished) in zip(batch, outputs):
-            rows.append({
-                "id": record["id"], "sample": sample, "source": "rollout", "mode": mode,
-                "prompt_ids": ids, "response_ids": response,
-                "text": tokenizer.decode(response, skip_special_tokens=True), "finished": finished,
-            })
+    Rows already written by the same checkpoint are kept and not generated again. `engine` is
+    "hf" (transformers generate, batched, left-padded, KV cache) or "vllm". `process` defaults to
+    the launched process (process_info()).
+
+    Returns stats: rows, generated_rows, reused_rows, finished_fraction, new_tokens (generated
+    in this call), seconds, tokens_per_second, processes and checkpoint.
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
+    process = process or process_info()
+    out_path = Path(out_path)
+    checkpoint = checkpoint_id(model_source)
+    sampling = {"engine": engine, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    origin = {"checkpoint": checkpoint, "mode": mode, "sampling": sampling}
+    wanted = {(record["id"], sample) for record in records for sample in range(samples_per_prompt)}
+    done = _existing_rows(out_path, origin, wanted)
+
+    tokenizer = load_tokenizer(model_source)
+    jobs = [(record, sample) for record in records for sample in range(samples_per_prompt) if (record["id"], sample) not in done]
+    # Similar prompt lengths in one batch waste less compute on padding.
+    encoded = sorted(
+        ((record, sample, prompt_ids(tokenizer, record, mode)) for record, sample in jobs), key=lambda job: len(job[2])
+    )
+    mine = shard_for_rank(encoded, process)
+    start = time.perf_counter()
+    generated = _generate_rows(
+        model_source, mine, out_path, process,
+        origin=origin, batch_size=batch_size, chunk_rows=chunk_rows,
+    )
+    barrier()
+    if process.is_main:
+        rows = merge_chunks(out_path, origin, wanted)
+    barrier()
     seconds = time.perf_counter() - start
-    rows.sort(key=lambda row: (row["id"], row["sample"]))
-    write_jsonl(out_path, rows)
-    new_tokens = sum(len(row["response_ids"]) for row in rows)
+    if not process.is_main:
+        rows = read_jsonl(out_path)
+
+    all_generated = gather_objects(generated)
+    new_tokens = sum(count["new_tokens"] for count in all_generated)
     stats = {
         "rows": len(rows),
-        "finished_fraction": sum(row["finished"] for row in rows) / len(rows),
+        "generated_rows": sum(count["rows"] for count in all_generated),
+        "reused_rows": len(done),
+        "finished_fraction": sum(row["finished"] for row in rows) / max(len(rows), 1),
         "new_tokens": new_tokens,
-        "seconds": seconds,
-        "tokens_per_second": new_tokens / seconds,
+        "seconds": round(seconds, 3),
+        "tokens_per_second": round(new_tokens / seconds, 1) if seconds > 0 else 0.0,
+        "processes": process.world_size,
+        "checkpoint": checkpoint,
     }
-    log.info("rollout: %d rows, %.0f%% finished, %.1f new tokens/s", stats["rows"], 100 * stats["finished_fraction"], stats["tokens_per_second"])
+    log.info(
+        "rollout: %d rows (%d generated, %d reused), %.0f%% finished, %.1f new tokens/s",
+        stats["rows"], stats["generated_rows"], stats["reused_rows"], 100 * stats["finished_fraction"],
+        stats["tokens_per_second"],
+    )
     return stats
 
 
+def _generate_rows(
+    model_source: str, jobs: list[tuple[dict, int, list[int]]], out_path: Path, process: ProcessInfo, *,
+    origin: dict, batch_size: int, chunk_rows: int,
+) -> dict:
+    """Generate this process's jobs and write them as chunk files; return its row and token counts."""
+    counts = {"rows": 0, "new_tokens": 0}
+    sampling = origin["sampling"]
+    engine, max_new_tokens = sampling["engine"], sampling["max_new_tokens"]
+    temperature, top_p = sampling["temperature"], sampling["top_p"]
+    if not jobs:
+        return counts
+    writer = _ChunkWriter(chunk_dir(out_path), process.rank, chunk_rows)
+    # Each process seeds differently, so two processes never draw the same samples.
+    seed = sampling["seed"] + 1_000_003 * process.rank
+    if engine == "vllm":
+        tokenizer = load_tokenizer(model_source)
+        outputs = generate_vllm(
+            model_source, [ids for _, _, ids in jobs], eos_id=tokenizer.eos_token_id,
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+        )
+        batches = [(jobs, outputs)]
+    else:
+        model, tokenizer = load_model(model_source)
+        model.to(process.device).eval()
+        longest = max(len(ids) for _, _, ids in jobs) + max_new_tokens
+        check_sequence_lengths([("longest prompt + max_new_tokens", longest)], max_positions(model), "student")
+        batches = _hf_batches(model, tokenizer, jobs, batch_size, process, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed)
+    for batch, outputs in batches:
+        for (record, sample, ids), (response, finished) in zip(batch, outputs):
+            writer.add({
+                "id": record["id"], "sample": sample, "source": "rollout", **origin,
+                "prompt_ids": ids, "response_ids": response,
+                "text": tokenizer.decode(response, skip_special_tokens=True), "finished": finished,
+            })
+            counts["rows"] += 1
+            counts["new_tokens"] += len(response)
+    writer.flush()
+    return counts
+
+
+def _hf_batches(model, tokenizer, jobs, batch_size: int, process: ProcessInfo, **sampling):
+    """Yield (batch, outputs) pairs, generating one batch at a time with generate_batch."""
+    seed = sampling.pop("seed")
+    for offset in tqdm(range(0, len(jobs), batch_size), desc="rollout", unit="batch", disable=not process.is_main):
+        batch = jobs[offset : offset + batch_size]
+        yield batch, generate_batch(model, tokenizer, [ids for _, _, ids in batch], seed=seed + offset, **sampling)
+
+
+class _ChunkWriter:
+    """Write rows to numbered chunk files RANK-INDEX.jsonl, each complete before it is renamed into place."""
+
+    def __init__(self, folder: Path, rank: int, chunk_rows: int) -> None:
+        self.folder = folder
+        self.prefix = f"{rank:03d}-"
+        self.chunk_rows = chunk_rows
+        self.rows: list[dict] = []
+        used = [int(path.stem[len(self.prefix) :]) for path in folder.glob(f"{self.prefix}*.jsonl")]
+        self.next_index = max(used, default=-1) + 1
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        if len(self.rows) >= self.chunk_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        write_jsonl(self.folder / f"{self.prefix}{self.next_index:05d}.jsonl", self.rows)
+        self.next_index += 1
+        self.rows = []
+
+
+def merge_chunks(out_path: str | Path, origin: dict, wanted: set[tuple[str, int]]) -> list[dict]:
+    """Write the wanted rows of `origin` from the output file and all chunks to `out_path`; delete the chunks.
+
+    Run by one process after every writer has finished. Returns the rows written, sorted by
+    (id, sample).
+    """
+    out_path = Path(out_path)
+    rows = sorted(_existing_rows(out_path, origin, wanted).values(), key=lambda row: (row["id"], row["sample"]))
+    missing = len(wanted) - len(rows)
+    if missing:
+        raise RuntimeError(f"{missing} of {len(wanted)} rollouts are missing after generation; rerun the rollout to fill them")
+    write_jsonl(out_path, rows)
+    shutil.rmtree(chunk_dir(out_path), ignore_errors=True)
+    return rows
+
+
 def label_rows(tokenizer, records: list[dict], mode: str) -> list[dict]:
-    """Rows whose response is the reference answer, for label-based distillation."""
+    """Rows whose response is the reference answer, for label-based and mixed distillation."""
     eos_id = tokenizer.eos_token_id
     rows = []
     for record in records:
