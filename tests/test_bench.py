@@ -155,3 +155,69 @@ def test_worker_peak_memory_excludes_parent():
     child_peak = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert ballast.sum() > 0
     assert child_peak < 250, f"the worker reported {child_peak:.0f} MiB, inherited from the parent"
+
+
+# ----- matrix, baselines, comparison and plots ----------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def matrix_report(bench_export_dir):
+    targets = [{"name": "tiny-onnx", "kind": "onnx", "path": str(bench_export_dir)}]
+    return run_benchmark(targets, runs=1, warmup=0, threads=1, prompt_lengths=[8, 16], new_lengths=[4])
+
+
+def test_matrix_runs_each_length(matrix_report):
+    assert [(r["prompt_tokens"], r["new_tokens"]) for r in matrix_report["results"]] == [(8, 4), (16, 4)]
+
+
+def test_floor_ratio_reported(matrix_report):
+    assert matrix_report["card"]["memory_bandwidth_gb_s"] > 0
+    for result in matrix_report["results"]:
+        assert result["weight_bytes_per_token"] > 0
+        assert result["floor_tokens_per_s"] > 0
+        assert result["floor_ratio"] > 0
+
+
+def test_sampling_and_tokenize_timed_apart(matrix_report):
+    for result in matrix_report["results"]:
+        assert 0 <= result["sample_ms_median"] < result["decode_ms_median"]
+        assert result["tokenize_ms"] > 0
+
+
+def test_missing_library_skips_target(bench_export_dir, tmp_path, monkeypatch):
+    from edgelm.edge_bench import bench
+
+    monkeypatch.setattr(bench, "missing_backend", lambda kind: "llama_cpp is not installed (pip install llama-cpp-python)")
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    report = run_benchmark([{"name": "llama", "kind": "llamacpp", "path": str(gguf)}], prompt_tokens=8,
+                           new_tokens=2, runs=1, warmup=0)
+    assert "pip install llama-cpp-python" in report["results"][0]["skipped"]
+    assert "skipped: " in format_table(report)
+
+
+@pytest.mark.parametrize("kind", ["genai", "llamacpp"])
+def test_baseline_kinds_parse(kind):
+    assert parse_target(f"base={kind}:some/path")["kind"] == kind
+
+
+def test_compare_reports(matrix_report, tmp_path, capsys):
+    faster = json.loads(json.dumps(matrix_report))
+    for result in faster["results"]:
+        result["decode_tokens_per_s"] *= 2
+    (tmp_path / "a.json").write_text(json.dumps(matrix_report))
+    (tmp_path / "b.json").write_text(json.dumps(faster))
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    table = capsys.readouterr().out
+    assert table.count("| tiny-onnx |") == 2
+    assert "| 2.00 |" in table
+
+
+def test_plots_written(matrix_report, tmp_path):
+    pytest.importorskip("matplotlib")
+    from edgelm.edge_bench.report import plot_report
+
+    paths = plot_report(matrix_report, tmp_path / "plots" / "bench")
+    assert [p.name for p in paths] == ["bench-latency.png", "bench-memory.png"]
+    for path in paths:
+        assert path.stat().st_size > 1000
