@@ -12,16 +12,19 @@ becomes two batch-1 ONNX graphs with a KV cache of fixed capacity C:
                 -> logits [1, 1, V], present.{i}.key / .value [1, H, C, D]
 
 Both graphs use standard ONNX ops only. Decode writes the new key and value with a
-one-hot blend, `cache * (1 - onehot) + new * onehot`, instead of ScatterND, and masked
-scores get MASK_VALUE, which fp16 can represent, instead of the fp32 minimum.
+one-hot blend, `cache * (1 - onehot) + new * onehot`, instead of ScatterND: the blend is
+two Mul and one Add on the AI Core in any precision, while ScatterND takes int64 indices
+that ATC runs on the AI CPU. Masked scores get MASK_VALUE, which fp16 can represent,
+instead of the fp32 minimum.
+
+Before ATC runs, every node is checked against cann_ops.json (edgelm.export.atc), and the
+int64 nodes of each graph are counted into the manifest.
 """
 
 from __future__ import annotations
 
 import logging
 import shlex
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +33,22 @@ import onnxruntime as ort
 import torch
 from transformers import PreTrainedModel
 
+from edgelm.export.atc import (
+    MIXLIST_FILE,
+    AtcOptions,
+    amct_status,
+    atc_commands,
+    atc_environment,
+    atc_script,
+    count_int64_nodes,
+    mixlist,
+    run_atc,
+    unsupported_nodes,
+    validate_soc_version,
+)
 from edgelm.export.onnx_export import (
     MANIFEST_NAME,
+    MASK_VALUE,
     ModelGeometry,
     OnnxDecoder,
     ParityError,
@@ -56,10 +73,8 @@ ASCEND_FORMAT_VERSION = 1
 PREFILL_FILE = "prefill.onnx"
 DECODE_FILE = "decode.onnx"
 ATC_SCRIPT = "atc.sh"
+# The CANN 7.0 ATC guide lists ONNX opsets 9 to 18 (see cann_ops.json).
 MAX_OPSET = 18
-# Added to the scores of masked slots: exp(-1e4) is 0 in fp16 and fp32, and -1e4 fits in fp16
-# (max 65504), so ATC's mixed_float16 mode cannot turn it into -inf and produce NaN.
-MASK_VALUE = -1.0e4
 
 
 class _PrefillCache:
@@ -251,70 +266,6 @@ def static_greedy(out_dir: str | Path, prompt_ids: list[int], max_new_tokens: in
     return generated
 
 
-# ---------------------------------------------------------------- ATC
-
-
-def atc_commands(prompt_len: int, capacity: int, num_layers: int, num_kv_heads: int, head_dim: int,
-                 soc_version: str) -> list[list[str]]:
-    """Return one `atc` argument list per graph, with every input shape fixed."""
-    cache = f"1,{num_kv_heads},{capacity},{head_dim}"
-    prefill_shapes = [f"input_ids:1,{prompt_len}", f"attention_mask:1,{prompt_len}", f"position_ids:1,{prompt_len}"]
-    decode_shapes = ["input_ids:1,1", f"attention_mask:1,{capacity}", "position_ids:1,1", "cache_position:1"]
-    decode_shapes += [f"{name}:{cache}" for name in past_names(num_layers)]
-    commands = []
-    for filename, shapes in ((PREFILL_FILE, prefill_shapes), (DECODE_FILE, decode_shapes)):
-        commands.append([
-            "atc",
-            f"--model={filename}",
-            "--framework=5",  # 5 = ONNX
-            f"--output={Path(filename).stem}",
-            f"--soc_version={soc_version}",
-            f"--input_shape={';'.join(shapes)}",
-            "--precision_mode_v2=mixed_float16",
-            "--log=error",
-        ])
-    return commands
-
-
-def atc_script(commands: list[list[str]]) -> str:
-    lines = [
-        "#!/bin/sh",
-        "# Compile the static graphs into Ascend offline models (.om) with ATC from the Huawei CANN",
-        "# toolkit. Run on a machine with CANN installed, from this folder, after",
-        "# `source <CANN install dir>/set_env.sh`.",
-        "set -e",
-        'cd "$(dirname "$0")"',
-    ]
-    lines += [shlex.join(command) for command in commands]
-    return "\n".join(lines) + "\n"
-
-
-def run_atc(commands: list[list[str]], cwd: Path, final_dir: Path | None = None) -> bool:
-    """Run each command if `atc` is on PATH; return whether .om files were built.
-
-    Without `atc`, log a warning with the commands and return False. A failing `atc`
-    raises RuntimeError with its output. `final_dir` is the folder named in the warning,
-    when `cwd` is a temporary folder that will be renamed.
-    """
-    atc = shutil.which("atc")
-    if atc is None:
-        log.warning(
-            "ATC (the model compiler from the Huawei CANN toolkit) was not found on PATH, so no .om "
-            "files were built. On a CANN machine, run `sh %s` in %s, or these commands:\n%s",
-            ATC_SCRIPT, final_dir or cwd, "\n".join(shlex.join(c) for c in commands),
-        )
-        return False
-    for command in commands:
-        log.info("running %s", shlex.join(command))
-        result = subprocess.run([atc, *command[1:]], cwd=cwd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(
-                f"atc failed with exit code {result.returncode} for {shlex.join(command)}\n"
-                f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-            )
-    return True
-
-
 # ---------------------------------------------------------------- entry point
 
 
@@ -333,17 +284,25 @@ def reference_tokens(model: PreTrainedModel, tokens: dict, prompts: list[list[in
 
 def export_ascend(model_dir: str | Path, out_dir: str | Path, max_prompt_len: int = 128, kv_capacity: int = 256,
                   soc_version: str = "Ascend310B1", opset: int = 17, dynamic_dir: Path | None = None,
-                  check: bool = True, max_new_tokens: int = 16, strict: bool = True) -> dict:
+                  check: bool = True, max_new_tokens: int = 16, strict: bool = True,
+                  atc_options: AtcOptions | None = None, heldout_texts=None, thresholds: dict | None = None) -> dict:
     """Export static prefill and decode graphs, check them, write atc.sh and run ATC if present.
 
     With `check`, static_greedy must reproduce the greedy tokens of the dynamic export in
-    `dynamic_dir` (or of PyTorch when it is None) on the parity prompts. A mismatch raises
-    ParityError unless `strict` is False. Returns the manifest written to edgelm_export.json.
+    `dynamic_dir` (or of PyTorch when it is None) on the parity prompts, and with a
+    `dynamic_dir` the prefill graph's logits are compared on held-out text against
+    `thresholds`. A mismatch raises ParityError unless `strict` is False. Every node must
+    pass the CANN operator table (ValueError lists the others). Returns the manifest
+    written to edgelm_export.json.
     """
     if opset > MAX_OPSET:
         raise ValueError(f"opset={opset} is too new for ATC; use {MAX_OPSET} or lower")
     if not 1 <= max_prompt_len <= kv_capacity:
         raise ValueError(f"max_prompt_len={max_prompt_len} must be between 1 and kv_capacity={kv_capacity}")
+    options = atc_options or AtcOptions(soc_version=soc_version)
+    options.soc_version = soc_version
+    validate_soc_version(soc_version)
+    options.validate()
     model_dir = Path(model_dir)
     model, tokenizer = load_for_export(model_dir)
     geometry = ModelGeometry.from_config(model.config)
@@ -352,8 +311,14 @@ def export_ascend(model_dir: str | Path, out_dir: str | Path, max_prompt_len: in
     with atomic_dir(out_dir) as tmp:
         log.info("exporting static graphs for Ascend: P=%d, C=%d, opset %d", max_prompt_len, kv_capacity, opset)
         export_static_graphs(model, tmp, max_prompt_len, kv_capacity, opset)
+        operator_report = {}
         for filename in (PREFILL_FILE, DECODE_FILE):
             check_standard_ops(tmp / filename)
+            problems = unsupported_nodes(tmp / filename)
+            if problems:
+                raise ValueError(f"{filename} has {len(problems)} node(s) that CANN's ATC does not accept:\n"
+                                 + "\n".join(problems))
+            operator_report[filename] = count_int64_nodes(tmp / filename)
         copy_model_files(model, model_dir, tmp)
         manifest = build_manifest(model, tokenizer, model_dir, "ascend-static", model_file="", opset=opset)
         del manifest["model_file"]  # two graphs instead of one model file, listed under "graphs"
@@ -365,29 +330,78 @@ def export_ascend(model_dir: str | Path, out_dir: str | Path, max_prompt_len: in
             "soc_version": soc_version,
             "mask_value": MASK_VALUE,
             "graphs": {"prefill": PREFILL_FILE, "decode": DECODE_FILE},
+            "operators": operator_report,
+            "file_size_bytes": sum((tmp / name).stat().st_size for name in (PREFILL_FILE, DECODE_FILE)),
         })
         # static_greedy reads the manifest, so write it before the check and again after.
         write_json(tmp / MANIFEST_NAME, manifest)
         if check:
             manifest["parity"] = check_static_parity(model, tokenizer, tokens, tmp, max_new_tokens,
-                                                      dynamic_dir, strict)
+                                                      dynamic_dir, strict, heldout_texts, thresholds)
+            write_json(tmp / "parity.json", manifest["parity"])
 
         commands = atc_commands(max_prompt_len, kv_capacity, geometry.num_layers, geometry.num_kv_heads,
-                                geometry.head_dim, soc_version)
+                                geometry.head_dim, soc_version, options)
+        environment = atc_environment(options)
+        write_json(tmp / MIXLIST_FILE, mixlist())
         script = tmp / ATC_SCRIPT
-        write_text(script, atc_script(commands))
+        write_text(script, atc_script(commands, environment))
         script.chmod(0o755)
         manifest["atc_commands"] = [shlex.join(c) for c in commands]
-        manifest["om_built"] = run_atc(commands, tmp, Path(out_dir))
+        manifest["atc_environment"] = environment
+        manifest["amct"] = amct_status()
+        manifest["om_built"] = run_atc(commands, tmp, Path(out_dir), environment)
         if manifest["om_built"]:
             manifest["graphs"].update(prefill_om="prefill.om", decode_om="decode.om")
         write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
 
 
+class StaticPrefillDecoder:
+    """The prefill graph behind the step() interface of OnnxDecoder, for teacher forcing only.
+
+    step() right-pads the tokens to P, runs prefill and returns the logits of the real
+    positions; it takes no past, so it cannot decode.
+    """
+
+    def __init__(self, folder: Path):
+        manifest = read_manifest(folder)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(str(Path(folder) / PREFILL_FILE), options,
+                                            providers=["CPUExecutionProvider"])
+        self.prompt_len = manifest["max_prompt_len"]
+        self.pad_id = manifest["pad_token_id"]
+
+    def empty_past(self, batch: int) -> list:
+        return []
+
+    def step(self, input_ids, attention_mask, position_ids, past):
+        length = input_ids.shape[1]
+        padded = np.full((1, self.prompt_len), self.pad_id, dtype=np.int64)
+        padded[0, :length] = input_ids[0]
+        mask = np.zeros((1, self.prompt_len), dtype=np.int64)
+        mask[0, :length] = 1
+        positions = np.arange(self.prompt_len, dtype=np.int64)[None]
+        logits = self.session.run(["logits"], {"input_ids": padded, "attention_mask": mask,
+                                               "position_ids": positions})[0]
+        return logits[:, :length], []
+
+
+# Static graphs in fp32 onnxruntime differ from the dynamic export only by float rounding.
+ASCEND_THRESHOLDS = {"max_logits_diff": 1e-3, "min_top1_agreement": 0.99, "max_ppl_increase": 0.001,
+                     "min_greedy_agreement": 1.0}
+
+
 def check_static_parity(model, tokenizer, tokens: dict, folder: Path, max_new_tokens: int,
-                        dynamic_dir: Path | None, strict: bool) -> dict:
-    """Compare static_greedy with the reference greedy tokens on the parity prompts."""
+                        dynamic_dir: Path | None, strict: bool, heldout_texts=None,
+                        thresholds: dict | None = None) -> dict:
+    """Compare static_greedy with the reference greedy tokens, and prefill logits on held-out text.
+
+    The logits comparison needs `dynamic_dir`; without it only greedy tokens are compared.
+    """
+    from edgelm.export.parity import apply_thresholds, failure_message, heldout_token_ids, teacher_forcing
+
     manifest = read_manifest(folder)
     prompts = [p for p in parity_prompts(tokenizer) if len(p) <= manifest["max_prompt_len"]]
     if not prompts:
@@ -399,6 +413,17 @@ def check_static_parity(model, tokenizer, tokens: dict, folder: Path, max_new_to
     result = {"reference": reference_name, "prompts": len(prompts), "max_new_tokens": new_tokens,
               **compare_greedy(expected, actual)}
     log.info("static graphs vs %s: greedy match %s", reference_name, result["greedy_match"])
+    if dynamic_dir is not None:
+        dynamic = read_manifest(dynamic_dir)
+        geometry = ModelGeometry(dynamic["num_layers"], dynamic["num_kv_heads"], dynamic["head_dim"],
+                                 dynamic["vocab_size"])
+        chunks = heldout_token_ids(tokenizer, heldout_texts, chunk_tokens=min(128, manifest["max_prompt_len"]))
+        reference = OnnxDecoder(Path(dynamic_dir) / dynamic["model_file"], geometry)
+        result.update(teacher_forcing(reference, StaticPrefillDecoder(folder), chunks))
+        result["max_logits_diff"] = result["heldout_max_logits_diff"]
+        apply_thresholds(result, thresholds or ASCEND_THRESHOLDS, "ascend")
+        if strict and not result["passed"]:
+            raise ParityError(failure_message(result, "static Ascend export"))
     if strict and not result["greedy_match"]:
         raise ParityError(f"static Ascend graphs give other greedy tokens than {reference_name}: "
                           f"{result['greedy_mismatches']}; pass strict=False to keep the export")

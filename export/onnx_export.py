@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -46,6 +47,14 @@ EXPORTERS = ("torchscript", "dynamo")
 
 # A protobuf message cannot exceed 2 GiB, so larger models keep their weights in EXTERNAL_DATA_FILE.
 PROTOBUF_LIMIT_BYTES = 2**31 - 1
+
+# Added to the attention scores of masked positions. transformers fills them with the fp32
+# minimum (-3.4e38), which becomes -inf after an fp16 conversion. A query row whose keys are
+# all masked (a left-padding position) then gives NaN in Softmax, and the NaN reaches the KV
+# cache. -1e4 fits in fp16 (max 65504), and exp(-1e4) is 0 in fp16 and fp32.
+MASK_VALUE = -1.0e4
+# Scalars at or below this are taken to be the fp32-minimum mask fill.
+MASK_FILL_THRESHOLD = -1.0e30
 
 PARITY_QUESTIONS = (
     "What is 12 + 7?",
@@ -106,7 +115,11 @@ class DecoderWithCache(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         pairs = [(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)]
-        cache = DynamicCache(ddp_cache_data=pairs, config=self.model.config)
+        # Without `config`, every layer is a full DynamicLayer. With it, sliding-window layers
+        # (Gemma 3) would crop their cache to the window, so present.N would stop growing as
+        # the Optimum / onnxruntime-genai interface expects. The window still applies through
+        # the attention mask that transformers builds from config.layer_types.
+        cache = DynamicCache(ddp_cache_data=pairs)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -186,24 +199,50 @@ def _export_dynamo(wrapper, args, path: Path, geometry: ModelGeometry, opset: in
     program.save(str(path))
 
 
-def save_single_file(raw_path: Path, out_path: Path) -> None:
-    """Save the exported graph as `out_path`, with all weights in one external data file when over 2 GiB.
+def replace_mask_fill(model: onnx.ModelProto, value: float = MASK_VALUE) -> int:
+    """Set every scalar Constant or initializer at or below MASK_FILL_THRESHOLD to `value`; return the count."""
+    replaced = 0
+    for node in model.graph.node:
+        if node.op_type != "Constant":
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "value" and _is_mask_fill(attribute.t):
+                array = numpy_helper.to_array(attribute.t)
+                attribute.t.CopyFrom(numpy_helper.from_array(np.full_like(array, value), attribute.t.name))
+                replaced += 1
+    for index, initializer in enumerate(model.graph.initializer):
+        if _is_mask_fill(initializer):
+            array = numpy_helper.to_array(initializer)
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.full_like(array, value), initializer.name))
+            replaced += 1
+    return replaced
 
-    The TorchScript exporter writes one file per tensor for large models; onnx.save_model
-    gathers them into EXTERNAL_DATA_FILE next to `out_path`.
+
+def _is_mask_fill(tensor: onnx.TensorProto) -> bool:
+    if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE) or np.prod(tensor.dims) > 1:
+        return False
+    array = numpy_helper.to_array(tensor)
+    return bool(array.size == 1 and array.reshape(-1)[0] <= MASK_FILL_THRESHOLD)
+
+
+def save_graph(model: onnx.ModelProto, out_path: Path, external_data_threshold: int = PROTOBUF_LIMIT_BYTES) -> bool:
+    """Save `model` as `out_path`; return whether its weights went to EXTERNAL_DATA_FILE.
+
+    Weights go to one external file beside the graph when the serialized model reaches
+    `external_data_threshold` bytes (default: the 2 GiB protobuf limit).
     """
-    extra_files = [p for p in raw_path.parent.iterdir() if p != raw_path]
-    if not extra_files and raw_path.stat().st_size < PROTOBUF_LIMIT_BYTES:
-        shutil.move(raw_path, out_path)
-        return
-    # NOTE: this branch runs only for models over 2 GiB, which no test here exports.
-    model = onnx.load(str(raw_path), load_external_data=True)
-    onnx.save_model(model, str(out_path), save_as_external_data=True, all_tensors_to_one_file=True,
+    external = model.ByteSize() >= external_data_threshold
+    onnx.save_model(model, str(out_path), save_as_external_data=external, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA_FILE, size_threshold=1024)
+    return external
 
 
-def export_graph(model: PreTrainedModel, path: Path, opset: int, exporter: str) -> None:
-    """Write `model` wrapped in DecoderWithCache to the ONNX file `path`."""
+def export_graph(model: PreTrainedModel, path: Path, opset: int, exporter: str,
+                 external_data_threshold: int = PROTOBUF_LIMIT_BYTES) -> dict:
+    """Write `model` wrapped in DecoderWithCache to the ONNX file `path`; return notes for the manifest.
+
+    The fp32-minimum mask fill is replaced by MASK_VALUE so that fp16 variants stay finite.
+    """
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter={exporter!r} is not supported; use one of {EXPORTERS}")
     geometry = ModelGeometry.from_config(model.config)
@@ -216,8 +255,13 @@ def export_graph(model: PreTrainedModel, path: Path, opset: int, exporter: str) 
             _export_torchscript(wrapper, args, raw_dir / path.name, geometry, opset)
         else:
             _export_dynamo(wrapper, args, raw_dir / path.name, geometry, opset)
-    save_single_file(raw_dir / path.name, path)
+    # The TorchScript exporter writes one file per tensor for models over 2 GiB; loading with
+    # external data gathers them so that save_graph can write a single data file.
+    graph = onnx.load(str(raw_dir / path.name), load_external_data=True)
+    replaced = replace_mask_fill(graph)
+    external = save_graph(graph, path, external_data_threshold)
     shutil.rmtree(raw_dir)
+    return {"mask_value": MASK_VALUE, "mask_fill_constants_replaced": replaced, "external_data": external}
 
 
 def graph_opset(path: str | Path) -> int:
@@ -249,7 +293,7 @@ def copy_model_files(model: PreTrainedModel, model_dir: Path, out_dir: Path) -> 
 
 
 def genai_config(model: PreTrainedModel, geometry: ModelGeometry, tokens: dict, model_file: str) -> dict:
-    """Build genai_config.json in the layout onnxruntime-genai reads (not loaded by any test here)."""
+    """Build genai_config.json in the layout that onnxruntime-genai (0.18 tested) loads with og.Model."""
     config = model.config
     context_length = int(getattr(config, "max_position_embeddings", 2048))
     return {
@@ -465,36 +509,55 @@ def compare_greedy(reference_tokens: list[list[int]], candidate_tokens: list[lis
             "greedy_mismatches": mismatches}
 
 
+# Thresholds for the fp32 export against PyTorch. Only float rounding separates the two, so
+# every check is strict. The pipeline reads its values from `export.parity.fp32`.
+FP32_THRESHOLDS = {"max_logits_diff": 1e-3, "min_top1_agreement": 0.99, "max_ppl_increase": 0.001,
+                   "min_greedy_agreement": 1.0}
+
+
+def measure_parity(reference, candidate, prompts: list[list[int]], heldout_chunks: list[list[int]],
+                   reference_tokens: list[list[int]], candidate_tokens: list[list[int]],
+                   decode_steps: int) -> dict:
+    """Combine the prompt logits check, teacher forcing on held-out text and greedy agreement."""
+    from edgelm.export.parity import teacher_forcing
+
+    result = compare_logits(reference, candidate, prompts, decode_steps)
+    result.update(teacher_forcing(reference, candidate, heldout_chunks))
+    result["max_logits_diff"] = max(result["max_logits_diff"], result["heldout_max_logits_diff"])
+    result.update(compare_greedy(reference_tokens, candidate_tokens))
+    return result
+
+
 def check_torch_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: Path,
                        max_logits_diff: float = 1e-3, max_new_tokens: int = 16, decode_steps: int = 4,
-                       strict: bool = True) -> dict:
-    """Compare the ONNX graph at `model_path` with PyTorch on PARITY_QUESTIONS.
+                       strict: bool = True, thresholds: dict | None = None, heldout_texts=None,
+                       heldout_tokens: int = 256) -> dict:
+    """Compare the ONNX graph at `model_path` with PyTorch and apply the fp32 thresholds.
 
-    Logits are compared in prefill and `decode_steps` cached steps. Greedy tokens come from
-    `model.generate(do_sample=False)` and from OnnxDecoder.greedy. With `strict`, a logits
-    difference over `max_logits_diff` or any greedy mismatch raises ParityError.
+    Logits are compared on PARITY_QUESTIONS in prefill and `decode_steps` cached steps, and on
+    `heldout_tokens` tokens of held-out text under teacher forcing. Greedy tokens come from
+    `model.generate(do_sample=False)` and from OnnxDecoder.greedy. `thresholds` defaults to
+    FP32_THRESHOLDS with `max_logits_diff` replaced. With `strict`, a broken threshold raises
+    ParityError naming the `export.parity.fp32` key to relax.
     """
+    from edgelm.export.parity import apply_thresholds, failure_message, heldout_token_ids
+
+    limits = dict(thresholds) if thresholds is not None else {**FP32_THRESHOLDS, "max_logits_diff": max_logits_diff}
     geometry = ModelGeometry.from_config(model.config)
     tokens = special_token_ids(model, tokenizer)
     prompts = parity_prompts(tokenizer)
     onnx_decoder = OnnxDecoder(model_path, geometry)
+    eos, pad = tokens["eos_token_ids"], tokens["pad_token_id"]
+    reference = [torch_greedy(model, p, max_new_tokens, eos, pad) for p in prompts]
+    candidate = [onnx_decoder.greedy([p], max_new_tokens, eos, pad)[0] for p in prompts]
+    chunks = heldout_token_ids(tokenizer, heldout_texts, heldout_tokens)
     result = {"reference": "pytorch", "prompts": len(prompts), "decode_steps": decode_steps,
-              "max_new_tokens": max_new_tokens, "tolerance": max_logits_diff}
-    result.update(compare_logits(TorchDecoder(model), onnx_decoder, prompts, decode_steps))
-    reference = [torch_greedy(model, p, max_new_tokens, tokens["eos_token_ids"], tokens["pad_token_id"]) for p in prompts]
-    candidate = [onnx_decoder.greedy([p], max_new_tokens, tokens["eos_token_ids"], tokens["pad_token_id"])[0]
-                 for p in prompts]
-    result.update(compare_greedy(reference, candidate))
-    result["passed"] = result["greedy_match"] and result["max_logits_diff"] <= max_logits_diff
-    log.info("parity vs PyTorch: max logits diff %.3g (tolerance %.3g), greedy match %s",
-             result["max_logits_diff"], max_logits_diff, result["greedy_match"])
+              "max_new_tokens": max_new_tokens, "tolerance": limits.get("max_logits_diff")}
+    result.update(measure_parity(TorchDecoder(model), onnx_decoder, prompts, chunks, reference, candidate,
+                                 decode_steps))
+    apply_thresholds(result, limits, "fp32")
     if strict and not result["passed"]:
-        raise ParityError(
-            f"ONNX export of {model_path} does not match PyTorch: max logits diff "
-            f"{result['max_logits_diff']:.3g} (tolerance {max_logits_diff:.3g}), greedy match "
-            f"{result['greedy_match']} (mismatches: {result['greedy_mismatches']}). Check the exporter "
-            f"warnings above, or pass strict=False to keep the export and inspect the numbers."
-        )
+        raise ParityError(failure_message(result, f"ONNX export of {model_path}"))
     return result
 
 
@@ -522,29 +585,37 @@ def build_manifest(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, m
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = 17, check: bool = True,
-                max_logits_diff: float = 1e-3, strict: bool = True, exporter: str = "torchscript") -> dict:
+                max_logits_diff: float = 1e-3, strict: bool = True, exporter: str = "torchscript",
+                thresholds: dict | None = None, heldout_texts=None,
+                external_data_threshold: int = PROTOBUF_LIMIT_BYTES) -> dict:
     """Export the HF folder `model_dir` to an ONNX folder at `out_dir`; return the manifest.
 
-    The folder contains model.onnx, the tokenizer files, config.json, generation_config.json,
-    genai_config.json and edgelm_export.json. With `check`, the manifest's `parity` entry
-    contains check_torch_parity's result, and a failed check raises ParityError unless
-    `strict` is False. The folder is replaced only after everything succeeded.
+    The folder contains model.onnx (plus model.onnx.data when the graph reaches
+    `external_data_threshold` bytes), the tokenizer files, config.json,
+    generation_config.json, genai_config.json, edgelm_export.json and, with `check`,
+    parity.json. The manifest's `parity` entry is check_torch_parity's result. A broken
+    threshold raises ParityError unless `strict` is False. The folder is replaced only
+    after everything succeeded.
     """
+    from edgelm.export.parity import write_parity
+
     model_dir = Path(model_dir)
     model, tokenizer = load_for_export(model_dir)
     geometry = ModelGeometry.from_config(model.config)
     with atomic_dir(out_dir) as tmp:
         log.info("exporting %s to ONNX with the %s exporter, opset %d", model_dir, exporter, opset)
-        export_graph(model, tmp / MODEL_FILE, opset, exporter)
+        notes = export_graph(model, tmp / MODEL_FILE, opset, exporter, external_data_threshold)
         manifest = build_manifest(model, tokenizer, model_dir, "fp32", MODEL_FILE, graph_opset(tmp / MODEL_FILE))
         manifest["exporter"] = exporter
+        manifest.update(notes)
         manifest["file_size_bytes"] = model_size_bytes(tmp)
         copy_model_files(model, model_dir, tmp)
         tokens = {key: manifest[key] for key in ("eos_token_ids", "pad_token_id", "bos_token_id")}
         write_json(tmp / "genai_config.json", genai_config(model, geometry, tokens, MODEL_FILE))
         if check:
-            manifest["parity"] = check_torch_parity(model, tokenizer, tmp / MODEL_FILE,
-                                                    max_logits_diff=max_logits_diff, strict=strict)
+            manifest["parity"] = check_torch_parity(model, tokenizer, tmp / MODEL_FILE, max_logits_diff=max_logits_diff,
+                                                    strict=strict, thresholds=thresholds, heldout_texts=heldout_texts)
+            write_parity(tmp, manifest["parity"])
         write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
 

@@ -1,9 +1,21 @@
-"""Quantize an exported ONNX folder (int8, int8-weight, int4 or fp16) and check it against the fp32 graph.
+"""Quantize an exported ONNX folder and check each variant against the fp32 graph.
+
+Schemes:
+
+- `int8`: dynamic int8 (`quantize_dynamic`), MatMul weights QInt8 per output channel, the
+  embedding Gather included; activations are quantized at run time.
+- `int8-static`: static int8 in QDQ format (`quantize_static`), per-channel weights and
+  activation ranges calibrated on prefill inputs built from training prompts.
+- `int8-weight`: weight-only int8 (MatMulNBits with 8 bits), fp32 activations.
+- `int4`: weight-only int4 (MatMulNBits), block-wise scales, the embedding as
+  GatherBlockQuantized, and the LM head at int4, int8 or fp32 (`lm_head`).
+- `fp16`: fp16 weights and compute with fp32 graph inputs and outputs. RMSNorm and
+  LayerNorm patterns and Softmax stay in fp32.
 
 Every scheme keeps the graph's input and output names and dtypes, so the runtime loads a
-quantized folder exactly like the fp32 one. The parity check compares the quantized graph
-with the fp32 graph in onnxruntime (no PyTorch needed) and reports the numbers; it raises
-only with `strict=True`.
+quantized folder exactly like the fp32 one. The parity check (edgelm.export.parity)
+compares the quantized graph with the fp32 graph in onnxruntime. It records the numbers
+and raises only with `strict=True`.
 """
 
 from __future__ import annotations
@@ -25,10 +37,11 @@ from edgelm.export.onnx_export import (
     ModelGeometry,
     OnnxDecoder,
     ParityError,
-    compare_greedy,
-    compare_logits,
     graph_opset,
+    measure_parity,
     model_size_bytes,
+    parity_prompts,
+    past_names,
     read_manifest,
 )
 from edgelm.files import atomic_dir, write_json
@@ -37,28 +50,49 @@ from edgelm.train.models import load_tokenizer
 log = logging.getLogger(__name__)
 
 INT4_GATHER_OPSET = 21
+LM_HEAD_PRECISIONS = ("int4", "int8", "fp32")
 
 
 @dataclass(frozen=True)
 class Scheme:
-    """One quantization recipe; `tolerance` is the logits difference above which parity reports a failure."""
+    """One quantization recipe, its default options and its default parity thresholds."""
 
     description: str
-    tolerance: float
+    thresholds: dict
     options: dict = field(default_factory=dict)
 
 
+# Default thresholds per scheme, measured on the 10-layer SmolLM2 student with the held-out
+# GSM8K text (docs/export.md has the table). The pipeline reads them from `export.parity.<kind>`.
+DEFAULT_THRESHOLDS = {
+    "fp16": {"max_logits_diff": 1.0, "min_top1_agreement": 0.97, "max_ppl_increase": 0.01,
+             "min_greedy_agreement": 0.8},
+    "int8": {"max_logits_diff": 10.0, "min_top1_agreement": 0.85, "max_ppl_increase": 0.1,
+             "min_greedy_agreement": 0.4},
+    "int8-static": {"max_logits_diff": 10.0, "min_top1_agreement": 0.85, "max_ppl_increase": 0.1,
+                    "min_greedy_agreement": 0.4},
+    "int8-weight": {"max_logits_diff": 5.0, "min_top1_agreement": 0.9, "max_ppl_increase": 0.05,
+                    "min_greedy_agreement": 0.5},
+    "int4": {"max_logits_diff": 20.0, "min_top1_agreement": 0.6, "max_ppl_increase": 0.5,
+             "min_greedy_agreement": 0.1},
+}
+
 SCHEMES = {
-    "int8": Scheme("dynamic int8: MatMul weights QInt8 per output channel, activations quantized at run time",
-                   tolerance=1.0, options={"per_channel": True}),
+    "int8": Scheme("dynamic int8: MatMul and embedding weights QInt8 per channel, activations quantized at run time",
+                   DEFAULT_THRESHOLDS["int8"], {"per_channel": True, "quantize_embedding": True}),
+    "int8-static": Scheme("static int8 QDQ: per-channel QInt8 weights, QUInt8 activations calibrated on training "
+                          "prompts", DEFAULT_THRESHOLDS["int8-static"],
+                          {"per_channel": True, "quantize_embedding": True, "calibration_samples": 16}),
     "int8-weight": Scheme("weight-only int8 (MatMulNBits, 8 bits), block-wise scales, fp32 activations",
-                          tolerance=2.0, options={"block_size": 32, "symmetric": True, "accuracy_level": None,
-                                                  "quantize_embedding": False, "bits": 8}),
+                          DEFAULT_THRESHOLDS["int8-weight"],
+                          {"block_size": 32, "symmetric": True, "accuracy_level": None, "quantize_embedding": False,
+                           "bits": 8, "lm_head": "int8"}),
     "int4": Scheme("weight-only int4 (MatMulNBits), block-wise scales, fp32 activations",
-                   tolerance=2.0, options={"block_size": 32, "symmetric": True, "accuracy_level": None,
-                                           "quantize_embedding": True, "bits": 4}),
-    "fp16": Scheme("fp16 weights and compute, fp32 graph inputs and outputs",
-                   tolerance=0.1),
+                   DEFAULT_THRESHOLDS["int4"],
+                   {"block_size": 32, "symmetric": True, "accuracy_level": None, "quantize_embedding": True,
+                    "bits": 4, "lm_head": "int4"}),
+    "fp16": Scheme("fp16 weights and compute; graph inputs and outputs, norms and Softmax in fp32",
+                   DEFAULT_THRESHOLDS["fp16"], {"keep_fp32_norms": True}),
 }
 
 
@@ -109,17 +143,98 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
                     location=EXTERNAL_DATA_FILE, size_threshold=1024)
 
 
+def _constant_weight_matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    initializers = {init.name for init in model.graph.initializer}
+    return [node for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in initializers]
+
+
+def _embedding_gathers(model: onnx.ModelProto) -> list[onnx.NodeProto]:
+    """Return Gather nodes whose data is a 2-D initializer (the token embedding)."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    return [node for node in model.graph.node
+            if node.op_type == "Gather" and len(shapes.get(node.input[0], ())) == 2]
+
+
+def lm_head_node(model: onnx.ModelProto, vocab_size: int) -> onnx.NodeProto | None:
+    """Return the MatMul whose constant weight ends in the vocabulary size, or None."""
+    shapes = {init.name: tuple(init.dims) for init in model.graph.initializer}
+    heads = [node for node in _constant_weight_matmuls(model) if shapes[node.input[1]][-1] == vocab_size]
+    return heads[-1] if heads else None
+
+
 def quantize_int8(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    nodes = [node.name for node in _constant_weight_matmuls(model)]
+    op_types = ["MatMul"]
+    if options["quantize_embedding"]:
+        nodes += [node.name for node in _embedding_gathers(model)]
+        op_types.append("Gather")
     # NOTE: graphs over 2 GiB take the external-data path, which no test here runs.
-    quantize_dynamic(model, str(path), op_types_to_quantize=["MatMul"], per_channel=options["per_channel"],
-                     weight_type=QuantType.QInt8, use_external_data_format=model.ByteSize() >= PROTOBUF_LIMIT_BYTES)
-    return {}
+    quantize_dynamic(model, str(path), op_types_to_quantize=op_types, nodes_to_quantize=nodes,
+                     per_channel=options["per_channel"], weight_type=QuantType.QInt8,
+                     use_external_data_format=model.ByteSize() >= PROTOBUF_LIMIT_BYTES)
+    return _weight_notes(onnx.load(str(path), load_external_data=False))
+
+
+class PrefillCalibrationReader:
+    """Feed prefill inputs (batch 1, empty KV cache) for each calibration prompt to quantize_static."""
+
+    def __init__(self, prompts: list[list[int]], num_layers: int, num_kv_heads: int, head_dim: int):
+        empty = np.zeros((1, num_kv_heads, 0, head_dim), dtype=np.float32)
+        self.feeds = []
+        for prompt in prompts:
+            input_ids = np.array([prompt], dtype=np.int64)
+            feed = {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+                    "position_ids": np.arange(len(prompt), dtype=np.int64)[None]}
+            feed.update({name: empty for name in past_names(num_layers)})
+            self.feeds.append(feed)
+        self.position = 0
+
+    def get_next(self) -> dict | None:
+        if self.position >= len(self.feeds):
+            return None
+        self.position += 1
+        return self.feeds[self.position - 1]
+
+    def rewind(self) -> None:
+        self.position = 0
+
+
+def quantize_int8_static(model: onnx.ModelProto, path: Path, options: dict) -> dict:
+    """Quantize weights and activations to int8 in QDQ format with ranges calibrated on real prefills.
+
+    Only MatMuls with a constant weight (and the embedding Gather) are quantized. The
+    attention MatMuls between two activations stay fp32, because int8 attention scores
+    shift the Softmax too much for a model this small.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    reader = options["calibration_reader"]
+    nodes = [node.name for node in _constant_weight_matmuls(model)]
+    op_types = ["MatMul"]
+    if options["quantize_embedding"]:
+        nodes += [node.name for node in _embedding_gathers(model)]
+        op_types.append("Gather")
+    quantize_static(model, str(path), reader, quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                    nodes_to_quantize=nodes, per_channel=options["per_channel"], activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+                    use_external_data_format=model.ByteSize() >= PROTOBUF_LIMIT_BYTES)
+    notes = _weight_notes(onnx.load(str(path), load_external_data=False))
+    notes["calibration_prompts"] = len(reader.feeds)
+    return notes
+
+
+def _weight_notes(model: onnx.ModelProto) -> dict:
+    counts = _op_counts(model)
+    return {"fp32_matmul_nodes_left": _constant_matmuls(model),
+            "quantized_op_counts": {op: counts[op] for op in sorted(counts)
+                                    if op in ("MatMulInteger", "DynamicQuantizeLinear", "QuantizeLinear",
+                                              "DequantizeLinear", "MatMulNBits", "GatherBlockQuantized")}}
 
 
 def quantize_nbits(model: onnx.ModelProto, path: Path, options: dict) -> dict:
-    """Quantize MatMul weights (the LM head included) to `bits` bits and, if asked, the embedding Gather.
+    """Quantize MatMul weights to `bits` bits, the LM head to `lm_head`, and, if asked, the embedding Gather.
 
     The embedding uses GatherBlockQuantized (onnxruntime >= 1.20), which needs the graph at
     opset 21 and IR version 10 for int4 tensors. If that fails, the embedding stays fp32
@@ -127,10 +242,15 @@ def quantize_nbits(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     """
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
-    notes: dict = {}
+    if options["lm_head"] not in LM_HEAD_PRECISIONS:
+        raise ValueError(f"lm_head={options['lm_head']!r} is not supported; use one of {LM_HEAD_PRECISIONS}")
+    head = lm_head_node(model, options["vocab_size"])
+    head_name = head.name if head is not None else None
+    notes: dict = {"lm_head_node": head_name}
     op_types = ("MatMul", "Gather") if options["quantize_embedding"] else ("MatMul",)
+    exclude = [head_name] if head_name and options["lm_head"] != f"int{options['bits']}" else []
     try:
-        quantized = _run_nbits(nbits, model, op_types, options)
+        quantized = _run_nbits(nbits, model, op_types, options, exclude=exclude)
         _check_loads(quantized)
         notes["embedding_quantized"] = "Gather" in op_types
     except Exception as error:  # noqa: BLE001 - any failure of the optional Gather path falls back
@@ -139,15 +259,19 @@ def quantize_nbits(model: onnx.ModelProto, path: Path, options: dict) -> dict:
         log.warning("quantized embedding (GatherBlockQuantized) failed, keeping the embedding in fp32: %s", error)
         notes["embedding_quantized"] = False
         notes["embedding_error"] = str(error)[:500]
-        quantized = _run_nbits(nbits, model, ("MatMul",), options)
-    counts = _op_counts(quantized)
-    notes["matmul_nbits_nodes"] = counts.get("MatMulNBits", 0)
-    notes["fp32_matmul_nodes_left"] = _constant_matmuls(quantized)
+        quantized = _run_nbits(nbits, model, ("MatMul",), options, exclude=exclude)
+    if exclude and options["lm_head"] == "int8":
+        # A second pass quantizes only the LM head, with 8 bits.
+        quantized = _run_nbits(nbits, quantized, ("MatMul",), {**options, "bits": 8}, include=[head_name])
+    notes["lm_head_precision"] = options["lm_head"] if head_name else "not found"
+    notes.update(_weight_notes(quantized))
+    notes["matmul_nbits_nodes"] = notes["quantized_op_counts"].get("MatMulNBits", 0)
     _save(quantized, path)
     return notes
 
 
-def _run_nbits(nbits, model: onnx.ModelProto, op_types: tuple[str, ...], options: dict) -> onnx.ModelProto:
+def _run_nbits(nbits, model: onnx.ModelProto, op_types: tuple[str, ...], options: dict,
+               exclude: list[str] | None = None, include: list[str] | None = None) -> onnx.ModelProto:
     # The quantizer edits the ModelProto in place, so a failed attempt must not touch `model`.
     model = copy.deepcopy(model)
     if "Gather" in op_types:
@@ -162,7 +286,8 @@ def _run_nbits(nbits, model: onnx.ModelProto, op_types: tuple[str, ...], options
         quant_axes=(("MatMul", 0), ("Gather", 1)),
         bits=options["bits"],
     )
-    quantizer = nbits.MatMulNBitsQuantizer(model, algo_config=config)
+    quantizer = nbits.MatMulNBitsQuantizer(model, nodes_to_exclude=exclude or None, nodes_to_include=include,
+                                           algo_config=config)
     quantizer.process()
     return quantizer.model.model
 
@@ -182,51 +307,149 @@ def _op_counts(model: onnx.ModelProto) -> dict[str, int]:
 
 def _constant_matmuls(model: onnx.ModelProto) -> int:
     """Count MatMul nodes whose weight is still an fp32 initializer."""
-    initializers = {init.name for init in model.graph.initializer}
-    return sum(1 for node in model.graph.node if node.op_type == "MatMul" and node.input[1] in initializers)
+    return len(_constant_weight_matmuls(model))
+
+
+# Op types kept in fp32 by the fp16 conversion, on top of onnxruntime's default block list.
+FP16_BLOCKED_OPS = ("Softmax", "LayerNormalization", "SimplifiedLayerNormalization",
+                    "SkipLayerNormalization", "SkipSimplifiedLayerNormalization")
+# The RMSNorm chain after ReduceMean, as the TorchScript exporter writes it for Llama-style models.
+RMS_NORM_TAIL = (("Add",), ("Sqrt",), ("Div", "Reciprocal"), ("Mul",))
+
+
+def norm_node_names(model: onnx.ModelProto) -> list[str]:
+    """Return the nodes of each RMSNorm: Pow -> ReduceMean -> Add -> Sqrt -> Div/Reciprocal -> Mul.
+
+    Kept in fp32 because x**2 overflows fp16 once |x| > 256, which residual streams reach.
+    """
+    producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    names: list[str] = []
+    for node in model.graph.node:
+        pow_node = producers.get(node.input[0]) if node.op_type == "ReduceMean" else None
+        if pow_node is None or pow_node.op_type != "Pow":
+            continue
+        chain = [pow_node, node]
+        current = node
+        for allowed in RMS_NORM_TAIL:
+            following = [c for c in consumers.get(current.output[0], []) if c.op_type in allowed]
+            if not following:
+                break
+            current = following[0]
+            chain.append(current)
+        # Constants feeding the chain (eps, the exponent 2) must stay fp32 as well, or Add
+        # would get one fp32 and one fp16 input.
+        constants = [producers[name] for n in chain for name in n.input
+                     if name in producers and producers[name].op_type == "Constant"]
+        names += [n.name for n in chain + constants]
+    return names
+
+
+def keep_norms_fp32(model: onnx.ModelProto) -> list[str]:
+    """Prepare `model` so that its RMSNorms stay fp32 under the fp16 conversion; return the nodes to block.
+
+    The norm input (fp16 after conversion) reaches Pow and the final Mul through a new
+    Cast to fp32, which joins the block list. The exporter's own Cast cannot be blocked,
+    because its output also feeds the residual Add, which runs in fp16.
+    """
+    names = norm_node_names(model)
+    blocked = set(names)
+    nodes = list(model.graph.node)
+    new_nodes = []
+    cast_for: dict[str, str] = {}
+    for node in nodes:
+        if node.name in blocked and node.op_type in ("Pow", "Mul"):
+            source = node.input[0]
+            if source not in cast_for:
+                cast_for[source] = f"{source}/fp32_for_norm"
+                cast = onnx.helper.make_node("Cast", [source], [cast_for[source]], to=onnx.TensorProto.FLOAT,
+                                             name=f"{source}/cast_fp32_for_norm")
+                new_nodes.append(cast)
+                names.append(cast.name)
+            node.input[0] = cast_for[source]
+        new_nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    return names
 
 
 def quantize_fp16(model: onnx.ModelProto, path: Path, options: dict) -> dict:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
+    node_block_list = keep_norms_fp32(model) if options["keep_fp32_norms"] else []
+    op_block_list = list(DEFAULT_OP_BLOCK_LIST) + (list(FP16_BLOCKED_OPS) if options["keep_fp32_norms"] else [])
     # keep_io_types leaves logits and the KV cache in fp32, so the runtime's feeds do not change.
-    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+    # Shape inference stays on: the converter needs the value types to insert Casts around
+    # blocked nodes, and without them blocked nodes silently run in fp16.
+    converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False,
+                                         op_block_list=op_block_list, node_block_list=node_block_list)
     _save(converted, path)
-    return {}
+    return {"fp32_nodes": len(node_block_list), "fp32_op_types": sorted(set(op_block_list) - set(DEFAULT_OP_BLOCK_LIST))}
 
 
-QUANTIZERS = {"int8": quantize_int8, "int8-weight": quantize_nbits, "int4": quantize_nbits, "fp16": quantize_fp16}
+QUANTIZERS = {"int8": quantize_int8, "int8-static": quantize_int8_static, "int8-weight": quantize_nbits,
+              "int4": quantize_nbits, "fp16": quantize_fp16}
 
 
 def check_onnx_parity(reference_path: Path, candidate_path: Path, geometry: ModelGeometry, tokenizer_dir: Path,
-                      eos_ids, pad_id: int, tolerance: float, max_new_tokens: int = 16,
-                      decode_steps: int = 4) -> dict:
-    """Compare two ONNX graphs on the parity prompts: logits difference and greedy agreement."""
-    from edgelm.export.onnx_export import parity_prompts
+                      eos_ids, pad_id: int, thresholds: dict, kind: str, max_new_tokens: int = 16,
+                      decode_steps: int = 4, heldout_texts=None, heldout_tokens: int = 256) -> dict:
+    """Compare two ONNX graphs (prompts, held-out text, greedy tokens) and apply `thresholds`."""
+    from edgelm.export.parity import apply_thresholds, heldout_token_ids
 
-    prompts = parity_prompts(load_tokenizer(str(tokenizer_dir)))
+    tokenizer = load_tokenizer(str(tokenizer_dir))
+    prompts = parity_prompts(tokenizer)
     reference = OnnxDecoder(reference_path, geometry)
     candidate = OnnxDecoder(candidate_path, geometry)
-    result = {"reference": "onnx-fp32", "prompts": len(prompts), "decode_steps": decode_steps,
-              "max_new_tokens": max_new_tokens, "tolerance": tolerance}
-    result.update(compare_logits(reference, candidate, prompts, decode_steps))
     reference_tokens = [reference.greedy([p], max_new_tokens, eos_ids, pad_id)[0] for p in prompts]
     candidate_tokens = [candidate.greedy([p], max_new_tokens, eos_ids, pad_id)[0] for p in prompts]
-    result.update(compare_greedy(reference_tokens, candidate_tokens))
-    result["passed"] = result["max_logits_diff"] <= tolerance
-    return result
+    chunks = heldout_token_ids(tokenizer, heldout_texts, heldout_tokens)
+    result = {"reference": "onnx-fp32", "prompts": len(prompts), "decode_steps": decode_steps,
+              "max_new_tokens": max_new_tokens, "tolerance": thresholds.get("max_logits_diff")}
+    result.update(measure_parity(reference, candidate, prompts, chunks, reference_tokens, candidate_tokens,
+                                 decode_steps))
+    return apply_thresholds(result, thresholds, kind)
+
+
+def calibration_prompts(tokenizer, texts, samples: int) -> list[list[int]]:
+    """Token ids of up to `samples` chat prompts (user turn plus generation prompt) from `texts`."""
+    prompts = []
+    for text in list(texts)[:samples]:
+        messages = [{"role": "user", "content": text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        prompts.append(list(ids))
+    return prompts
+
+
+# Used only when quantize() gets no calibration_texts; the pipeline passes training questions.
+DEFAULT_CALIBRATION_TEXTS = (
+    "A farmer has 17 sheep and buys 9 more. How many sheep does he have now?",
+    "Lena saves 5 dollars a week for 12 weeks. How much has she saved?",
+    "A box holds 36 eggs. How many boxes are needed for 180 eggs?",
+    "Sam ran 3.5 km on Monday and twice as far on Tuesday. How far did he run in total?",
+    "A shop sells pens at 2 for 3 dollars. How much do 14 pens cost?",
+    "There are 28 students and each table seats 4. How many tables are needed?",
+    "A recipe needs 250 g of flour per cake. How much flour do 6 cakes need?",
+    "Kim had 120 stickers and gave a quarter of them away. How many are left?",
+)
 
 
 def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool = True,
-             max_logits_diff: float | None = None, strict: bool = False, **options) -> dict:
+             max_logits_diff: float | None = None, strict: bool = False, thresholds: dict | None = None,
+             heldout_texts=None, calibration_texts=None, **options) -> dict:
     """Quantize the fp32 export in `onnx_dir` with `scheme` into a new folder; return its manifest.
 
-    `options` override the scheme's defaults (int8: per_channel; int8-weight and int4:
-    block_size, symmetric, accuracy_level, quantize_embedding, bits). With `check`, the manifest's `parity`
-    entry compares against the fp32 graph. A logits difference over `max_logits_diff`
-    (default: the scheme's tolerance) or a greedy mismatch is reported, and raises
-    ParityError only when `strict` is True.
+    `options` override the scheme's defaults (see SCHEMES). `thresholds` overrides the scheme's
+    default parity thresholds, and `max_logits_diff` overrides that one key. With `check`, the
+    manifest's `parity` entry and parity.json compare against the fp32 graph. A broken threshold
+    is logged, and raises ParityError only when `strict` is True. `calibration_texts` are the
+    user questions int8-static calibrates on.
     """
+    from edgelm.export.parity import failure_message, write_parity
+
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {sorted(SCHEMES)}")
     onnx_dir = Path(onnx_dir)
@@ -240,14 +463,25 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
         raise ValueError(f"unknown options {sorted(unknown)} for scheme {scheme!r}; "
                          f"supported: {sorted(settings.options)}")
     merged = {**settings.options, **options}
-    tolerance = settings.tolerance if max_logits_diff is None else max_logits_diff
+    limits = {**settings.thresholds, **(thresholds or {})}
+    if max_logits_diff is not None:
+        limits["max_logits_diff"] = max_logits_diff
+    geometry = ModelGeometry(source["num_layers"], source["num_kv_heads"], source["head_dim"], source["vocab_size"])
+    runtime_options = {**merged, "vocab_size": geometry.vocab_size}
+    if scheme == "int8-static":
+        tokenizer = load_tokenizer(str(onnx_dir))
+        prompts = calibration_prompts(tokenizer, calibration_texts or DEFAULT_CALIBRATION_TEXTS,
+                                      merged["calibration_samples"])
+        runtime_options["calibration_reader"] = PrefillCalibrationReader(
+            prompts, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
 
     with atomic_dir(out_dir) as tmp:
         for item in onnx_dir.iterdir():
-            if item.is_file() and item.name not in (source["model_file"], EXTERNAL_DATA_FILE, MANIFEST_NAME):
+            if item.is_file() and item.name not in (source["model_file"], EXTERNAL_DATA_FILE, MANIFEST_NAME,
+                                                    "parity.json"):
                 shutil.copy2(item, tmp / item.name)
         log.info("quantizing %s with scheme %s (%s)", onnx_dir, scheme, merged)
-        notes = QUANTIZERS[scheme](_load_fp32(onnx_dir), tmp / source["model_file"], merged)
+        notes = QUANTIZERS[scheme](_load_fp32(onnx_dir), tmp / source["model_file"], runtime_options)
 
         manifest = {**source, "variant": scheme, "source": str(onnx_dir)}
         manifest.pop("parity", None)
@@ -256,20 +490,12 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
         manifest["file_size_bytes"] = model_size_bytes(tmp)
         manifest["fp32_file_size_bytes"] = source.get("file_size_bytes")
         if check:
-            geometry = ModelGeometry(source["num_layers"], source["num_kv_heads"], source["head_dim"],
-                                     source["vocab_size"])
             parity = check_onnx_parity(onnx_dir / source["model_file"], tmp / source["model_file"], geometry,
-                                       onnx_dir, source["eos_token_ids"], source["pad_token_id"], tolerance)
+                                       onnx_dir, source["eos_token_ids"], source["pad_token_id"], limits, scheme,
+                                       heldout_texts=heldout_texts)
             manifest["parity"] = parity
-            level = logging.INFO if parity["passed"] else logging.WARNING
-            log.log(level, "%s parity vs fp32 ONNX: max logits diff %.3g (tolerance %.3g), top-1 agreement "
-                    "%.3f, greedy token agreement %.2f", scheme, parity["max_logits_diff"], tolerance,
-                    parity["top1_agreement"], parity["greedy_token_agreement"])
-            if strict and not (parity["passed"] and parity["greedy_match"]):
-                raise ParityError(
-                    f"{scheme} model differs from fp32: max logits diff {parity['max_logits_diff']:.3g} "
-                    f"(tolerance {tolerance:.3g}), greedy match {parity['greedy_match']}; "
-                    f"pass strict=False to keep it and read the numbers in the manifest"
-                )
+            write_parity(tmp, parity)
+            if strict and not parity["passed"]:
+                raise ParityError(failure_message(parity, f"{scheme} quantization of {onnx_dir}"))
         write_json(tmp / MANIFEST_NAME, manifest)
     return manifest
