@@ -211,17 +211,84 @@ class DistillConfig:
         _require(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
 
 
-QUANT_SCHEMES = ("int8", "int8-weight", "int4", "fp16")
+QUANT_SCHEMES = ("int8", "int8-static", "int8-weight", "int4", "fp16")
+INT4_LM_HEAD = ("int4", "int8", "fp32")
+ATC_PRECISION_MODES = ("fp16", "origin", "cube_fp16in_fp32out", "mixed_float16", "mixed_bfloat16",
+                       "cube_hif8", "mixed_hif8")
+
+
+@dataclass
+class ParityThresholds:
+    max_logits_diff: float = 1e-3
+    """Largest allowed max |logits difference| against the reference (prompts and held-out text)."""
+    min_top1_agreement: float = 0.99
+    """Smallest allowed share of held-out positions where both models rank the same next token first."""
+    max_ppl_increase: float = 0.001
+    """Largest allowed relative perplexity increase on held-out text, (candidate - reference) / reference."""
+    min_greedy_agreement: float = 1.0
+    """Smallest allowed share of greedy tokens equal to the reference's, position by position."""
+
+    def validate(self, key: str) -> None:
+        _require(self.max_logits_diff > 0, f"{key}.max_logits_diff", f"must be > 0, got {self.max_logits_diff}")
+        for name in ("min_top1_agreement", "min_greedy_agreement"):
+            value = getattr(self, name)
+            _require(0 <= value <= 1, f"{key}.{name}", f"must be in [0, 1], got {value}")
+        _require(self.max_ppl_increase >= 0, f"{key}.max_ppl_increase", f"must be >= 0, got {self.max_ppl_increase}")
+
+
+@dataclass
+class ParityConfig:
+    """Parity thresholds per variant kind; the fp32 export and Ascend graphs are compared strictly."""
+
+    fp32: ParityThresholds = field(default_factory=ParityThresholds)
+    """fp32 ONNX export against PyTorch."""
+    fp16: ParityThresholds = field(default_factory=lambda: ParityThresholds(1.0, 0.97, 0.01, 0.8))
+    """fp16 variant against the fp32 ONNX graph."""
+    int8: ParityThresholds = field(default_factory=lambda: ParityThresholds(15.0, 0.85, 0.1, 0.4))
+    """Dynamic int8 variant against the fp32 ONNX graph."""
+    int8_static: ParityThresholds = field(default_factory=lambda: ParityThresholds(15.0, 0.85, 0.1, 0.4))
+    """Static int8 QDQ variant against the fp32 ONNX graph."""
+    int8_weight: ParityThresholds = field(default_factory=lambda: ParityThresholds(5.0, 0.9, 0.05, 0.5))
+    """Weight-only int8 variant against the fp32 ONNX graph."""
+    int4: ParityThresholds = field(default_factory=lambda: ParityThresholds(20.0, 0.6, 0.5, 0.1))
+    """Weight-only int4 variant against the fp32 ONNX graph."""
+    ascend: ParityThresholds = field(default_factory=ParityThresholds)
+    """Static Ascend prefill graph (onnxruntime CPU) against the dynamic fp32 ONNX graph."""
+
+    def for_kind(self, kind: str) -> dict:
+        return dataclasses.asdict(getattr(self, kind.replace("-", "_")))
+
+    def validate(self, key: str) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f"{key}.{f.name}")
 
 
 @dataclass
 class ExportConfig:
     opset: int = 17
-    """ONNX opset of the exported graphs."""
-    quantize: list[str] = field(default_factory=lambda: ["int8", "int4"])
+    """ONNX opset of the exported graphs (17: the highest that every variant and ATC accept, see docs/export.md)."""
+    quantize: list[str] = field(default_factory=lambda: ["int8", "int4", "fp16"])
     """Quantized variants written beside the fp32 export."""
     max_logits_diff: float = 1e-3
-    """Largest allowed |PyTorch - ONNX| logits difference for the fp32 export; more fails the export."""
+    """Deprecated alias of parity.fp32.max_logits_diff; the smaller of the two applies."""
+    parity: ParityConfig = field(default_factory=ParityConfig)
+    """Thresholds that fail the export or quantize stage when a variant drifts too far from its reference."""
+    heldout_records: int = 12
+    """Held-out test records (from the end of data.test) whose chat transcripts parity uses for teacher forcing."""
+    int4_block_size: int = 32
+    """Weights per int4 scale block (16, 32, 64, 128 or 256)."""
+    int4_symmetric: bool = True
+    """Symmetric int4 (no zero point); false adds a zero point per block."""
+    int4_accuracy_level: int | None = None
+    """MatMulNBits accuracy_level: null or 0 (onnxruntime's default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations."""
+    int4_lm_head: str = "int4"
+    """Precision of the LM head in the int4 variant: int4, int8 (MatMulNBits 8 bits) or fp32."""
+    calibration_samples: int = 16
+    """Training prompts that calibrate activation ranges for int8-static."""
+    sample_prompts: int = 20
+    """GSM8K test prompts whose greedy answers every variant writes to export/samples.md (0 skips it)."""
+    sample_new_tokens: int = 48
+    """New tokens per greedy answer in export/samples.md."""
 
     def validate(self, key: str) -> None:
         _require(11 <= self.opset <= 21, f"{key}.opset", f"must be in [11, 21], got {self.opset}")
@@ -229,6 +296,17 @@ class ExportConfig:
             _require(scheme in QUANT_SCHEMES, f"{key}.quantize", f"unknown scheme {scheme!r}; known: {QUANT_SCHEMES}")
         _require(len(set(self.quantize)) == len(self.quantize), f"{key}.quantize", f"lists a scheme twice: {self.quantize}")
         _require(self.max_logits_diff > 0, f"{key}.max_logits_diff", f"must be > 0, got {self.max_logits_diff}")
+        self.parity.validate(f"{key}.parity")
+        _require(self.heldout_records >= 1, f"{key}.heldout_records", f"must be >= 1, got {self.heldout_records}")
+        _require(self.int4_block_size in (16, 32, 64, 128, 256), f"{key}.int4_block_size",
+                 f"must be 16, 32, 64, 128 or 256, got {self.int4_block_size}")
+        _require(self.int4_accuracy_level is None or 0 <= self.int4_accuracy_level <= 4, f"{key}.int4_accuracy_level",
+                 f"must be null or in [0, 4], got {self.int4_accuracy_level}")
+        _require(self.int4_lm_head in INT4_LM_HEAD, f"{key}.int4_lm_head",
+                 f"must be one of {INT4_LM_HEAD}, got {self.int4_lm_head!r}")
+        _require(self.calibration_samples >= 1, f"{key}.calibration_samples", f"must be >= 1, got {self.calibration_samples}")
+        _require(self.sample_prompts >= 0, f"{key}.sample_prompts", f"must be >= 0, got {self.sample_prompts}")
+        _require(self.sample_new_tokens >= 1, f"{key}.sample_new_tokens", f"must be >= 1, got {self.sample_new_tokens}")
 
 
 @dataclass
@@ -236,16 +314,34 @@ class AscendConfig:
     enabled: bool = True
     """Build the static-shape ONNX graphs and the ATC script (ATC runs only where CANN is installed)."""
     soc_version: str = "Ascend310B1"
-    """ATC --soc_version, the target chip (e.g. Ascend310B1, Ascend310P3, Ascend910B)."""
+    """ATC --soc_version, the target chip (e.g. Ascend310B1, Ascend310P3, Ascend910B); checked against a known list."""
     max_prompt_len: int = 128
     """Prefill graph length in tokens; prompts are right-padded to it."""
     kv_capacity: int = 256
     """KV cache slots (prompt plus generated tokens)."""
+    precision_mode_v2: str = "mixed_float16"
+    """ATC --precision_mode_v2."""
+    keep_norms_fp32: bool = True
+    """Pass ATC a --modify_mixlist file that keeps norms, reductions and Softmax in fp32 under mixed precision."""
+    prefill_gears: list[int] = field(default_factory=list)
+    """Prompt lengths for ATC --dynamic_dims on the prefill graph; empty compiles the single length max_prompt_len."""
+    te_parallel_compiler: int | None = None
+    """TE_PARALLEL_COMPILER for atc (parallel kernel compile processes); null leaves it unset."""
+    atc_log: str = "error"
+    """ATC --log level: debug, info, warning, error or null."""
 
     def validate(self, key: str) -> None:
         _require(self.max_prompt_len >= 1, f"{key}.max_prompt_len", f"must be >= 1, got {self.max_prompt_len}")
         _require(self.kv_capacity > self.max_prompt_len, f"{key}.kv_capacity",
                  f"must exceed max_prompt_len={self.max_prompt_len}, got {self.kv_capacity}")
+        _require(self.precision_mode_v2 in ATC_PRECISION_MODES, f"{key}.precision_mode_v2",
+                 f"must be one of {ATC_PRECISION_MODES}, got {self.precision_mode_v2!r}")
+        _require(all(1 <= gear <= self.max_prompt_len for gear in self.prefill_gears), f"{key}.prefill_gears",
+                 f"every gear must be in [1, max_prompt_len={self.max_prompt_len}], got {self.prefill_gears}")
+        _require(self.te_parallel_compiler is None or self.te_parallel_compiler >= 1, f"{key}.te_parallel_compiler",
+                 f"must be null or >= 1, got {self.te_parallel_compiler}")
+        _require(self.atc_log in ("debug", "info", "warning", "error", "null"), f"{key}.atc_log",
+                 f"must be debug, info, warning, error or null, got {self.atc_log!r}")
 
 
 @dataclass

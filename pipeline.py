@@ -210,28 +210,60 @@ def stage_export(run: Run) -> dict:
     from edgelm.export.onnx_export import export_onnx
 
     config = run.config.export
+    thresholds = config.parity.for_kind("fp32")
+    thresholds["max_logits_diff"] = min(thresholds["max_logits_diff"], config.max_logits_diff)
     return export_onnx(run.path("distill"), run.path("export", "onnx"), opset=config.opset,
-                       max_logits_diff=config.max_logits_diff)
+                       thresholds=thresholds, heldout_texts=_heldout_texts(run))
 
 
 def stage_quantize(run: Run) -> dict:
     from edgelm.export.quantize import quantize
 
-    return {scheme: quantize(run.path("export", "onnx"), run.path("export", scheme), scheme)
-            for scheme in run.config.export.quantize}
+    config = run.config.export
+    heldout = _heldout_texts(run)
+    options = {
+        "int4": {"block_size": config.int4_block_size, "symmetric": config.int4_symmetric,
+                 "accuracy_level": config.int4_accuracy_level, "lm_head": config.int4_lm_head},
+        "int8-static": {"calibration_samples": config.calibration_samples},
+    }
+    calibration = [record["prompt"] for record in run.records("train")[: config.calibration_samples]]
+    results = {}
+    for scheme in config.quantize:
+        results[scheme] = quantize(run.path("export", "onnx"), run.path("export", scheme), scheme, strict=True,
+                                   thresholds=config.parity.for_kind(scheme), heldout_texts=heldout,
+                                   calibration_texts=calibration, **options.get(scheme, {}))
+    return results
 
 
 def stage_ascend(run: Run) -> dict:
+    """Export the static Ascend graphs (when enabled), then write export/samples.md for every variant."""
     from edgelm.export.ascend import export_ascend
+    from edgelm.export.atc import AtcOptions
+    from edgelm.export.samples import SAMPLES_FILE, greedy_samples, write_samples
 
     config = run.config.ascend
-    if not config.enabled:
-        return {"skipped": "ascend.enabled is false"}
-    return export_ascend(
-        run.path("distill"), run.path("export", "ascend"), max_prompt_len=config.max_prompt_len,
-        kv_capacity=config.kv_capacity, soc_version=config.soc_version, opset=run.config.export.opset,
-        dynamic_dir=run.path("export", "onnx"),
-    )
+    export_config = run.config.export
+    if config.enabled:
+        options = AtcOptions(soc_version=config.soc_version, precision_mode_v2=config.precision_mode_v2,
+                             keep_norms_fp32=config.keep_norms_fp32, log_level=config.atc_log,
+                             prefill_gears=tuple(config.prefill_gears),
+                             te_parallel_compiler=config.te_parallel_compiler)
+        result = export_ascend(
+            run.path("distill"), run.path("export", "ascend"), max_prompt_len=config.max_prompt_len,
+            kv_capacity=config.kv_capacity, soc_version=config.soc_version, opset=export_config.opset,
+            dynamic_dir=run.path("export", "onnx"), atc_options=options, heldout_texts=_heldout_texts(run),
+            thresholds=export_config.parity.for_kind("ascend"),
+        )
+    else:
+        result = {"skipped": "ascend.enabled is false"}
+    if export_config.sample_prompts:
+        variants = {"onnx-fp32": run.path("export", "onnx")}
+        variants.update({f"onnx-{scheme}": run.path("export", scheme) for scheme in export_config.quantize})
+        samples = greedy_samples(run.path("distill"), variants, run.path("export", "ascend") if config.enabled else None,
+                                 run.records("test")[: export_config.sample_prompts], export_config.sample_new_tokens)
+        write_samples(run.path("export", SAMPLES_FILE), samples)
+        result["samples"] = {"path": str(run.path("export", SAMPLES_FILE)), "agreement": samples["agreement"]}
+    return result
 
 
 def eval_targets(run: Run) -> list[tuple[str, str, Path | str, str]]:
