@@ -194,7 +194,7 @@ def test_teacher_with_zero_probabilities(loss):
                 student.grad = None
 
 
-def test_forward_kl_of_one_hot_teacher_is_cross_entropy():
+def test_forward_kl_one_hot_teacher():
     teacher = torch.full((1, 2, V), -1e4)
     teacher[..., 3] = 0.0
     student = torch.randn(1, 2, V)

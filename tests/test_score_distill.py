@@ -109,7 +109,8 @@ def test_rollout_samples_chunks_and_resumes(tiny_model_dir, tmp_path, caplog):
     assert stats["generated_rows"] == 6
     assert not chunk_dir(out).exists()
     checkpoint = rows[0]["checkpoint"]
-    assert checkpoint.startswith(f"{tiny_model_dir}@") and len(checkpoint.split("@")[1]) == 12
+    assert checkpoint.startswith(f"{tiny_model_dir}@")
+    assert len(checkpoint.split("@")[1]) == 12
     assert rows[0]["sampling"] == {"engine": "hf", "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 4, "seed": 0}
     assert all(1 <= len(row["response_ids"]) <= 4 for row in rows)
 
@@ -508,7 +509,8 @@ def test_distill_trains_and_saves(student_and_teacher, tiny_model_dir, tmp_path,
     assert metrics["final_loss"] < metrics["train_loss"]
     progress = [record.getMessage() for record in caplog.records if record.getMessage().startswith("distill step")]
     assert [line.split(" | ")[0] for line in progress] == ["distill step 2/4", "distill step 4/4"]
-    assert " (ce " in progress[0] and " jsd " in progress[0]
+    assert " (ce " in progress[0]
+    assert " jsd " in progress[0]
     assert progress[0].endswith(" tok/s")
 
     saved, saved_tokenizer = load_model(str(out_dir))

@@ -17,8 +17,8 @@ At k = 32 and vocab_size 49,152: ceil(32 * 31 / 8) + 4 = 124 + 4 = 128 bytes per
 
 The k top-k probabilities and the tail mass p_tail (outside the top-k) sum to 1, so one of
 them is stored implicitly: the largest of the top-1 probability and p_tail, rebuilt by the
-reader as 1 minus the others. Flag 0: the top-1 is implicit, and entry 0 holds the top-1 id
-with -log p_tail as its value. Flag 1: p_tail is implicit and every entry holds its own value.
+reader as 1 minus the others. Flag 0: the top-1 is implicit, and entry 0 contains the top-1 id
+with -log p_tail as its value. Flag 1: p_tail is implicit and every entry stores its own value.
 Rebuilding the largest class keeps the cancellation error small relative to it. Rebuilding a
 small tail instead, as p_tail = 1 - sum(p_i), would be wrong by tens of percent when the top-k
 holds 99.99% of the mass, because each p_i carries fp16 rounding.

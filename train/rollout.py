@@ -126,7 +126,7 @@ def chunk_dir(out_path: str | Path) -> Path:
 def _existing_rows(out_path: Path, origin: dict, wanted: set[tuple[str, int]]) -> dict[tuple[str, int], dict]:
     """Return the rows already written for `wanted` (id, sample) pairs with the same `origin`.
 
-    `origin` maps row fields (checkpoint, mode, sampling) to the values of this run; a row
+    `origin` maps row fields (checkpoint, mode, sampling) to the values of this run. A row
     generated with any other value is ignored, so changed settings never reuse old samples.
     """
     files = sorted(chunk_dir(out_path).glob("*.jsonl"))
@@ -237,6 +237,7 @@ def _generate_rows(
     sampling = origin["sampling"]
     engine, max_new_tokens = sampling["engine"], sampling["max_new_tokens"]
     temperature, top_p = sampling["temperature"], sampling["top_p"]
+
     if not jobs:
         return counts
     writer = _ChunkWriter(chunk_dir(out_path), process.rank, chunk_rows)
@@ -256,6 +257,7 @@ def _generate_rows(
         check_sequence_lengths([("longest prompt + max_new_tokens", longest)], max_positions(model), "student")
         batches = _hf_batches(model, tokenizer, jobs, batch_size, process, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed)
+
     for batch, outputs in batches:
         for (record, sample, ids), (response, finished) in zip(batch, outputs):
             writer.add({

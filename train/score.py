@@ -85,11 +85,11 @@ def check_teacher_and_student(
     Raises ValueError naming the difference. The width is the smaller of the two models' logits
     widths when they differ only by padding rows (see edgelm.train.preflight.shared_vocab_size).
     """
-    teacher_print = tokenizer_fingerprint(teacher_tokenizer)
-    check_same_tokenizer(teacher_print, tokenizer_fingerprint(student_tokenizer))
+    teacher_fingerprint = tokenizer_fingerprint(teacher_tokenizer)
+    check_same_tokenizer(teacher_fingerprint, tokenizer_fingerprint(student_tokenizer))
     source = resolve_source(student_source)
     student_config = AutoConfig.from_pretrained(source.location, **source.from_pretrained_kwargs())
-    return shared_vocab_size(output_vocab_size(teacher), int(student_config.vocab_size), teacher_print["length"])
+    return shared_vocab_size(output_vocab_size(teacher), int(student_config.vocab_size), teacher_fingerprint["length"])
 
 
 def padding_fraction(lengths: list[int], batch_size: int) -> float:
