@@ -23,6 +23,9 @@ class ConfigError(ValueError):
 
 
 ANSWER_MODES = ("reasoning", "fast")
+SFT_MODES = ("reasoning", "fast", "mixed")
+SFT_PACINGS = ("buckets", "linear", "sqrt", "none")
+SFT_DIFFICULTIES = ("steps", "length", "teacher_loss", "student_loss")
 STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
@@ -57,7 +60,10 @@ class SFTStageConfig:
     name: str = "reasoning"
     """Stage name; the model is saved to <run_dir>/sft/<name>."""
     mode: str = "reasoning"
-    """Answer mode trained: 'reasoning' (steps, then the answer) or 'fast' (the answer alone)."""
+    """Answer mode trained: 'reasoning' (steps, then the answer), 'fast' (the answer alone) or
+    'mixed' (a seeded `fast_ratio` share of the records fast, the rest reasoning)."""
+    fast_ratio: float = 0.5
+    """Share of the records trained in fast mode when mode is 'mixed'; ignored otherwise."""
     records: int = 512
     """Number of training records used (the first N of the training file)."""
     epochs: float = 1.0
@@ -68,7 +74,8 @@ class SFTStageConfig:
     def validate(self, key: str) -> None:
         _require(bool(STAGE_NAME.fullmatch(self.name)), f"{key}.name",
                  f"must contain only letters, digits, '_' and '-' (it names a folder), got {self.name!r}")
-        _require(self.mode in ANSWER_MODES, f"{key}.mode", f"must be one of {ANSWER_MODES}, got {self.mode!r}")
+        _require(self.mode in SFT_MODES, f"{key}.mode", f"must be one of {SFT_MODES}, got {self.mode!r}")
+        _require(0 <= self.fast_ratio <= 1, f"{key}.fast_ratio", f"must be in [0, 1], got {self.fast_ratio}")
         _require(self.records >= 1, f"{key}.records", f"must be >= 1, got {self.records}")
         _require(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
         _require(0 < self.learning_rate < 1, f"{key}.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
@@ -86,11 +93,34 @@ class SFTConfig:
     grad_accum: int = 1
     """Gradient accumulation steps."""
     max_length: int = 384
-    """Maximum tokens per example (prompt + answer); longer examples are skipped and counted."""
+    """Maximum tokens per example (prompt + answer), and the row length when packing."""
+    overlong: str = "skip"
+    """What happens to an example longer than max_length: 'skip' it or 'truncate' it; both are counted."""
     warmup_ratio: float = 0.05
     """Fraction of each stage's steps spent on linear learning-rate warmup."""
-    curriculum: bool = True
-    """Order each stage easy to hard by difficulty; false shuffles instead (the baseline)."""
+    difficulty: str = "steps"
+    """Difficulty scorer: 'steps' (reasoning steps), 'length' (target tokens), 'teacher_loss' (the
+    teacher's loss per target token) or 'student_loss' (the student's, recomputed every epoch)."""
+    pacing: str = "buckets"
+    """How hard examples enter: 'buckets' (equal-size buckets join one by one), 'linear' or 'sqrt'
+    (competence schedules), or 'none' (shuffled every epoch, the baseline)."""
+    buckets: int = 4
+    """Buckets of the 'buckets' pacing; also the number of difficulty groups that packing keeps apart."""
+    initial_competence: float = 0.1
+    """Fraction of the examples, easiest first, that the 'linear' and 'sqrt' pacings start from."""
+    full_competence_at: float = 1.0
+    """Fraction of each stage's steps after which every example can be drawn."""
+    packing: bool = False
+    """Pack several examples into each row of max_length tokens; batch_size then counts rows."""
+    scoring_batch_size: int = 16
+    """Sequences per forward pass of the teacher_loss and student_loss scorers."""
+    save_steps: int = 25
+    """Optimizer steps between checkpoints in sft/<stage>/checkpoints; 0 saves none. An interrupted
+    stage resumes from the newest checkpoint; they are deleted once the stage's model is saved."""
+    save_total_limit: int = 2
+    """Checkpoints kept per stage (each holds the model and the optimizer state)."""
+    curriculum: bool | None = None
+    """Older switch: false is the same as pacing: none; null or true leave pacing as set."""
 
     def validate(self, key: str) -> None:
         _require(len(self.stages) >= 1, f"{key}.stages", "needs at least one stage")
@@ -101,7 +131,23 @@ class SFTConfig:
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.grad_accum >= 1, f"{key}.grad_accum", f"must be >= 1, got {self.grad_accum}")
         _require(self.max_length >= 16, f"{key}.max_length", f"must be >= 16, got {self.max_length}")
+        _require(self.overlong in ("skip", "truncate"), f"{key}.overlong", f"must be 'skip' or 'truncate', got {self.overlong!r}")
         _require(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
+        _require(self.difficulty in SFT_DIFFICULTIES, f"{key}.difficulty",
+                 f"must be one of {SFT_DIFFICULTIES}, got {self.difficulty!r}")
+        _require(self.pacing in SFT_PACINGS, f"{key}.pacing", f"must be one of {SFT_PACINGS}, got {self.pacing!r}")
+        _require(self.buckets >= 1, f"{key}.buckets", f"must be >= 1, got {self.buckets}")
+        _require(0 < self.initial_competence <= 1, f"{key}.initial_competence",
+                 f"must be in (0, 1], got {self.initial_competence}")
+        _require(self.full_competence_at > 0, f"{key}.full_competence_at", f"must be > 0, got {self.full_competence_at}")
+        _require(self.scoring_batch_size >= 1, f"{key}.scoring_batch_size", f"must be >= 1, got {self.scoring_batch_size}")
+        _require(self.save_steps >= 0, f"{key}.save_steps", f"must be >= 0 (0 saves no checkpoint), got {self.save_steps}")
+        _require(self.save_total_limit >= 1, f"{key}.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
+
+    @property
+    def resolved_pacing(self) -> str:
+        """The pacing in effect: 'none' when the older `curriculum: false` is set."""
+        return "none" if self.curriculum is False else self.pacing
 
 
 @dataclass

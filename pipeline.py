@@ -105,12 +105,18 @@ def make_sft_stage(index: int) -> Callable[[Run], dict]:
         stage = config.sft.stages[index]
         source = run.path("student-init") if index == 0 else run.path("sft", config.sft.stages[index - 1].name)
         records = run.records("train")[: stage.records]
+        sft = config.sft
+        # resume=True continues from the stage folder's newest checkpoint when an earlier attempt
+        # was interrupted with the same inputs and settings; otherwise the stage starts over.
         return run_sft_stage(
             str(source), records, run.path("sft", stage.name),
-            mode=stage.mode, stage_name=f"sft-{stage.name}", epochs=stage.epochs,
-            learning_rate=stage.learning_rate, batch_size=config.sft.batch_size,
-            grad_accum=config.sft.grad_accum, max_length=config.sft.max_length,
-            warmup_ratio=config.sft.warmup_ratio, curriculum=config.sft.curriculum, seed=config.seed,
+            mode=stage.mode, fast_ratio=stage.fast_ratio, stage_name=f"sft-{stage.name}", epochs=stage.epochs,
+            learning_rate=stage.learning_rate, batch_size=sft.batch_size, grad_accum=sft.grad_accum,
+            max_length=sft.max_length, overlong=sft.overlong, warmup_ratio=sft.warmup_ratio, seed=config.seed,
+            difficulty=sft.difficulty, pacing=sft.resolved_pacing, buckets=sft.buckets,
+            initial_competence=sft.initial_competence, full_competence_at=sft.full_competence_at,
+            packing=sft.packing, teacher=config.teacher, scoring_batch_size=sft.scoring_batch_size,
+            save_steps=sft.save_steps or None, save_total_limit=sft.save_total_limit, resume=True,
         )
 
     return stage_sft

@@ -17,7 +17,7 @@ Unlike that paper, which samples with replacement, `CurriculumSampler` draws wit
 inside an epoch: each batch takes examples not yet seen in this epoch from the easiest c(t)
 fraction. When that pool has fewer unseen examples than the batch needs, it widens to the next
 easiest ones. Every epoch is therefore a permutation of the examples, and a curriculum run takes
-the same number of steps as the baseline; a slow schedule tends to a strict easy-to-hard order.
+the same number of steps as the baseline. A slow schedule tends to a strict easy-to-hard order.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -38,7 +38,6 @@ class ScoringContext:
     """Teacher model source (teacher_loss), as accepted by edgelm.train.models.load_model."""
     batch_size: int = 16
     """Sequences per forward pass of the loss-based scorers."""
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

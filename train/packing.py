@@ -1,11 +1,12 @@
 """Pack several SFT examples into one row of at most max_length tokens.
 
 A packed row is the examples' tokens back to back, with position_ids restarting at 0 for each
-example. The batch carries no attention mask to the model: transformers 5 then reads the
-restarts in position_ids as sequence boundaries (`masking_utils.find_packed_sequence_indices`)
-and builds a block-diagonal causal mask for the sdpa and eager attention implementations, so
-no token attends to another example. `tests/test_sft.py` checks that packed logits equal
-unpacked logits per example.
+example. The batch passes no attention mask to the model. transformers 5 (5.25 checked) then
+reads the restarts in position_ids as sequence boundaries
+(`masking_utils.find_packed_sequence_indices`) and builds a block-diagonal causal mask for the
+sdpa and eager attention implementations, so no token attends to another example. It does this
+only when the forward pass builds no KV cache, hence `use_cache=False` in the loss.
+`tests/test_sft.py` checks that packed logits equal unpacked logits per example.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def pack_examples(lengths: Sequence[int], scores: Sequence[float], max_length: i
     """Group example indices into rows of at most `max_length` tokens.
 
     The examples are ranked by score and split into `groups` equal-size difficulty groups. Inside a
-    group, first-fit decreasing by length fills the rows, so a row holds examples of similar
+    group, first-fit decreasing by length fills the rows, so a row contains examples of similar
     difficulty and the curriculum can order rows as it orders examples.
     """
     too_long = [length for length in lengths if length > max_length]
@@ -51,8 +52,8 @@ def collate_packed(rows: list[list[dict]], pad_token_id: int) -> dict[str, torch
     """Build a packed batch from rows of encoded examples: input_ids, labels, position_ids, attention_mask.
 
     Rows are right-padded to the longest row of the batch; the padding gets its own position_ids
-    run, so it forms a separate block. attention_mask (1 on example tokens) only serves to count
-    tokens; the trainer must not pass it to the model, or the packed mask is not built.
+    run, so it forms a separate block. attention_mask (1 on example tokens) only counts tokens.
+    The trainer must not pass it to the model, because with a mask the packed mask is not built.
     The first label of every example is -100: its logits would come from the previous example.
     """
     row_ids, row_labels, row_positions = [], [], []

@@ -31,6 +31,7 @@ import shutil
 import statistics
 import time
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 from transformers import PrinterCallback, TrainerCallback
@@ -137,8 +138,20 @@ def check_trainable(report: dict) -> None:
 def source_identity(model_source: str) -> dict:
     """Return sizes and modification times of the model source's files, to detect a changed input model."""
     path = Path(model_source)
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+    elif path.is_file():
+        files = [path]
+    else:
+        files = []  # a hub id or pkg: source; only its name enters the fingerprint
     return {"source": model_source, "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+
+def stage_fingerprint(model_source: str, records: list[dict], settings: dict) -> str:
+    """Return a hash of the input model's files, the records and the settings that shape training."""
+    records_hash = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+    content = {"settings": settings, "records": records_hash, "model": source_identity(model_source)}
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def prepare_stage_dir(out_dir: Path, fingerprint: str, resume: bool) -> bool:
@@ -255,12 +268,8 @@ def run_sft_stage(
         "initial_competence": initial_competence, "full_competence_at": full_competence_at, "packing": packing,
         "overlong": overlong, "teacher": teacher, "optim": optim,
     }
-    records_hash = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
-    fingerprint = hashlib.sha256(
-        json.dumps({"settings": settings, "records": records_hash, "model": source_identity(model_source)}, sort_keys=True).encode()
-    ).hexdigest()
     out_dir.mkdir(parents=True, exist_ok=True)
-    resuming = prepare_stage_dir(out_dir, fingerprint, resume)
+    resuming = prepare_stage_dir(out_dir, stage_fingerprint(model_source, records, settings), resume)
 
     model, tokenizer = load_model(model_source)
     modes = record_modes(len(records), mode, fast_ratio, seed)
@@ -277,16 +286,15 @@ def run_sft_stage(
     scores = DifficultyScores(out_dir / "difficulty", scorer, context)
     first_scores = scores.for_epoch(0)
 
+    rows = None
+    dataset = examples
+    collator = partial(pad_batch, pad_token_id=tokenizer.pad_token_id)
     if packing:
         rows = pack_examples([len(example["input_ids"]) for example in examples], first_scores, max_length,
                              groups=buckets, seed=seed)
         dataset = [[examples[index] for index in row] for row in rows]
-        collator = lambda batch: collate_packed(batch, tokenizer.pad_token_id)  # noqa: E731
+        collator = partial(collate_packed, pad_token_id=tokenizer.pad_token_id)
         log.info("%s: packed %d examples into %d rows of up to %d tokens", stage_name, len(examples), len(rows), max_length)
-    else:
-        rows = None
-        dataset = examples
-        collator = lambda batch: pad_batch(batch, tokenizer.pad_token_id)  # noqa: E731
 
     batches_per_epoch = math.ceil(len(dataset) / batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / grad_accum)
