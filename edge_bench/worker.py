@@ -101,6 +101,8 @@ def benchmark_target(spec: dict) -> dict:
         time_one_run(backend, ids, spec["new_tokens"])
     runs = [time_one_run(backend, ids, spec["new_tokens"]) for _ in range(spec["runs"])]
 
+    # Read the peak before estimating weight bytes, which loads the model file once more.
+    peak_rss = peak_rss_mb()
     try:
         weight_bytes = backend.weight_bytes_per_token()
     except (OSError, ValueError) as error:
@@ -113,7 +115,7 @@ def benchmark_target(spec: dict) -> dict:
         "load_s": load_s,
         "tokenize_ms": tokenize_ms,
         **summarize(runs, spec["new_tokens"]),
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss,
         "peak_rss_after_load_mb": rss_after_load,
         "model_size_mb": backend.model_size_bytes() / (1024 * 1024),
         "weight_bytes_per_token": weight_bytes,
