@@ -95,19 +95,22 @@ def cmd_rollout(args) -> int:
     _print_json(rollout(
         args.model, records, args.out, mode=args.mode, samples_per_prompt=args.samples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-        batch_size=args.batch_size, seed=args.seed,
+        batch_size=args.batch_size, seed=args.seed, engine=args.engine, chunk_rows=args.chunk_rows,
     ))
     return 0
 
 
 def cmd_score(args) -> int:
     from edgelm.files import read_jsonl
-    from edgelm.train.models import load_model
-    from edgelm.train.score import score_rows, teacher_identity
+    from edgelm.train.models import load_model, load_tokenizer
+    from edgelm.train.score import check_teacher_and_student, score_rows, teacher_identity
 
-    teacher, _ = load_model(args.teacher)
+    teacher, tokenizer = load_model(args.teacher)
+    # The rows hold the student's token ids, so the student's tokenizer must be the teacher's.
+    vocab_size = check_teacher_and_student(teacher, tokenizer, load_tokenizer(args.student), args.student)
     _print_json(score_rows(teacher, read_jsonl(args.rows), args.out, top_k=args.top_k,
-                           batch_size=args.batch_size, teacher_id=teacher_identity(args.teacher, teacher)))
+                           batch_size=args.batch_size, teacher_id=teacher_identity(args.teacher, teacher),
+                           vocab_size=vocab_size, tokenizer=tokenizer))
     return 0
 
 
@@ -115,9 +118,10 @@ def cmd_distill(args) -> int:
     from edgelm.train.distill import distill
 
     _print_json(distill(
-        args.student, args.rows, args.store, args.out, alpha=args.alpha, temperature=args.temperature,
+        args.student, args.rows, args.store, args.out, alpha=args.alpha, loss=args.loss, beta=args.beta,
+        temperature=args.temperature, targets=args.targets, label_fraction=args.label_fraction,
         learning_rate=args.lr, epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        max_length=args.max_length, seed=args.seed,
+        max_length=args.max_length, precision=args.precision, seed=args.seed,
     ))
     return 0
 
@@ -191,7 +195,8 @@ def cmd_bench(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from edgelm.config import ANSWER_MODES, QUANT_SCHEMES
+    from edgelm.config import (ANSWER_MODES, DISTILL_LOSSES, DISTILL_TARGETS, PRECISIONS, QUANT_SCHEMES,
+                               ROLLOUT_ENGINES)
 
     parser = argparse.ArgumentParser(prog="edgelm", description="Post-train a small language model and ship it to an edge device.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -245,10 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=positive_int, default=48, help="maximum generated tokens per answer (default: 48)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="prompts generated together (default: 32)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    p.add_argument("--engine", choices=ROLLOUT_ENGINES, default="hf",
+                   help="hf: transformers generate (tested on CPU); vllm: vLLM when installed, for GPUs (default: hf)")
+    p.add_argument("--chunk-rows", type=positive_int, default=256,
+                   help="rows written per chunk file; an interrupted run keeps finished chunks (default: 256)")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("score", help="store the teacher's top-k logits for each row")
     p.add_argument("--teacher", required=True, help="teacher model source")
+    p.add_argument("--student", required=True,
+                   help="student model source; its tokenizer must match the teacher's (checked before scoring)")
     p.add_argument("--rows", required=True, help="rows JSONL from `edgelm rollout`")
     p.add_argument("--out", required=True, help="logit store folder")
     p.add_argument("--top-k", type=positive_int, default=32, help="logits kept per token (default: 32)")
@@ -260,8 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", required=True, help="rows JSONL the store was scored from")
     p.add_argument("--store", required=True, help="logit store folder from `edgelm score`")
     p.add_argument("--out", required=True, help="output HF model folder")
-    p.add_argument("--alpha", type=float, default=0.5, help="cross-entropy weight; 1 - alpha weights the KL (default: 0.5)")
+    p.add_argument("--alpha", type=float, default=0.5, help="cross-entropy weight; 1 - alpha weights the divergence (default: 0.5)")
+    p.add_argument("--loss", choices=DISTILL_LOSSES, default="forward_kl", help="divergence to the teacher (default: forward_kl)")
+    p.add_argument("--beta", type=float, default=0.5, help="jsd mixture weight: 0 = forward KL, 1 = reverse KL (default: 0.5)")
     p.add_argument("--temperature", type=float, default=1.0, help="distillation temperature (default: 1.0)")
+    p.add_argument("--targets", choices=DISTILL_TARGETS, default="on_policy",
+                   help="rows trained on: on_policy (rollouts), label (reference answers) or mixed (default: on_policy)")
+    p.add_argument("--label-fraction", type=float, default=0.25, help="share of label rows per batch when --targets mixed (default: 0.25)")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp32", help="training precision; fp16 needs a GPU or NPU (default: fp32)")
     p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (default: 5e-5)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (default: 1)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default: 8)")
@@ -314,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=positive_int, default=384, help="maximum tokens per example for the loss; longer ones are skipped and counted (default: 384, as sft.max_length)")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="measure load time, TTFT, decode latency and peak memory of models")
+    p = sub.add_parser("bench", help="measure load time, TTFT, decode latency and peak memory of models",
+                       epilog="`edgelm bench compare A.json B.json` prints two --out result files side by side.")
     from edgelm.edge_bench.bench import build_parser as add_bench_options
 
     add_bench_options(p)
@@ -323,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["bench", "compare"]:
+        # A sub-subcommand would clash with bench's required --target, so it is routed here.
+        from edgelm.edge_bench.report import compare_main
+
+        return compare_main(argv[2:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     import yaml

@@ -92,3 +92,13 @@ def test_eval_rejects_raw_gsm8k(tmp_path, caplog):
     raw.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
     assert main(["eval", "--model", str(tmp_path), "--data", str(raw)]) == 2
     assert "edgelm data --input" in caplog.text
+
+
+def test_bench_compare_is_routed_to_edge_bench(tmp_path, capsys):
+    result = {"name": "tiny", "kind": "onnx", "prompt_tokens": 16, "new_tokens": 4, "ttft_ms": 10.0,
+              "decode_tokens_per_s": 50.0, "decode_ms_median": 20.0, "decode_ms_p90": 22.0, "peak_rss_mb": 100.0}
+    faster = {**result, "decode_tokens_per_s": 100.0}
+    (tmp_path / "a.json").write_text(json.dumps({"card": {}, "results": [result]}))
+    (tmp_path / "b.json").write_text(json.dumps({"card": {}, "results": [faster]}))
+    assert main(["bench", "compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    assert "| 2.00 |" in capsys.readouterr().out
