@@ -79,9 +79,12 @@ def cmd_sft(args) -> int:
 
     records = read_jsonl(args.data)[: args.records]
     metrics = run_sft_stage(
-        args.model, records, args.out, mode=args.mode, epochs=args.epochs, learning_rate=args.lr,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
-        curriculum=not args.no_curriculum, seed=args.seed,
+        args.model, records, args.out, mode=args.mode, fast_ratio=args.fast_ratio, epochs=args.epochs,
+        learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
+        overlong=args.overlong, seed=args.seed, difficulty=args.difficulty,
+        pacing="none" if args.no_curriculum else args.pacing, buckets=args.buckets,
+        initial_competence=args.initial_competence, full_competence_at=args.full_competence_at,
+        packing=args.packing, teacher=args.teacher, save_steps=args.save_steps, resume=args.resume,
     )
     _print_json({k: v for k, v in metrics.items() if k != "loss_history"})
     return 0
@@ -196,7 +199,7 @@ def cmd_bench(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from edgelm.config import (ANSWER_MODES, DISTILL_LOSSES, DISTILL_TARGETS, PRECISIONS, QUANT_SCHEMES,
-                               ROLLOUT_ENGINES)
+                               ROLLOUT_ENGINES, SFT_DIFFICULTIES, SFT_MODES, SFT_PACINGS)
 
     parser = argparse.ArgumentParser(prog="edgelm", description="Post-train a small language model and ship it to an edge device.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
@@ -227,14 +230,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="model source: HF folder, .gguf, pkg:PACKAGE/FILE.gguf or hub id")
     p.add_argument("--data", required=True, help="records JSONL from `edgelm data`")
     p.add_argument("--out", required=True, help="output HF model folder")
-    p.add_argument("--mode", choices=["reasoning", "fast"], default="reasoning", help="answer mode trained (default: reasoning)")
+    p.add_argument("--mode", choices=SFT_MODES, default="reasoning",
+                   help="answer mode trained; mixed puts a --fast-ratio share of records in fast mode (default: reasoning)")
+    p.add_argument("--fast-ratio", type=float, default=0.5, help="share of fast-mode records when --mode mixed (default: 0.5)")
     p.add_argument("--records", type=positive_int, help="use the first N records (default: all)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the records (default: 1)")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default: 1e-4)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per step (default: 8)")
     p.add_argument("--grad-accum", type=positive_int, default=1, help="gradient accumulation steps (default: 1)")
     p.add_argument("--max-length", type=positive_int, default=384, help="maximum tokens per example; longer ones are skipped (default: 384)")
-    p.add_argument("--no-curriculum", action="store_true", help="shuffle instead of ordering easy to hard")
+    p.add_argument("--overlong", choices=["skip", "truncate"], default="skip",
+                   help="examples longer than --max-length: skip them or cut them (default: skip)")
+    p.add_argument("--difficulty", choices=SFT_DIFFICULTIES, default="steps",
+                   help="difficulty score; teacher_loss needs --teacher, student_loss is refreshed every epoch (default: steps)")
+    p.add_argument("--pacing", choices=SFT_PACINGS, default="buckets",
+                   help="how harder examples join: buckets, linear or sqrt competence, none = shuffled (default: buckets)")
+    p.add_argument("--buckets", type=positive_int, default=4, help="difficulty buckets for --pacing buckets (default: 4)")
+    p.add_argument("--initial-competence", type=float, default=0.1,
+                   help="easiest share of the data available at step 0 for linear/sqrt pacing (default: 0.1)")
+    p.add_argument("--full-competence-at", type=float, default=1.0,
+                   help="fraction of the steps after which all data is available (default: 1.0)")
+    p.add_argument("--packing", action="store_true", help="pack several examples per row, no attention across them")
+    p.add_argument("--teacher", help="model source that scores difficulty for --difficulty teacher_loss")
+    p.add_argument("--save-steps", type=positive_int, help="write a resumable checkpoint every N optimizer steps (default: none)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out when the settings match")
+    p.add_argument("--no-curriculum", action="store_true", help="shuffle instead of ordering easy to hard (same as --pacing none)")
     p.add_argument("--seed", type=int, default=0, help="seed for order and initialisation (default: 0)")
     p.set_defaults(func=cmd_sft)
 

@@ -97,6 +97,18 @@ def stage_student(run: Run) -> dict:
             "student_layers": student.config.num_hidden_layers}
 
 
+def sft_settings(config: PipelineConfig) -> dict:
+    """run_sft_stage keywords shared by the student's SFT stages and the teacher's adaptation."""
+    sft = config.sft
+    return dict(
+        batch_size=sft.batch_size, grad_accum=sft.grad_accum, max_length=sft.max_length, overlong=sft.overlong,
+        warmup_ratio=sft.warmup_ratio, seed=config.seed, difficulty=sft.difficulty, pacing=sft.resolved_pacing,
+        buckets=sft.buckets, initial_competence=sft.initial_competence, full_competence_at=sft.full_competence_at,
+        packing=sft.packing, teacher=config.teacher, scoring_batch_size=sft.scoring_batch_size,
+        save_steps=sft.save_steps or None, save_total_limit=sft.save_total_limit,
+    )
+
+
 def make_sft_stage(index: int) -> Callable[[Run], dict]:
     def stage_sft(run: Run) -> dict:
         from edgelm.train.sft import run_sft_stage
@@ -105,18 +117,12 @@ def make_sft_stage(index: int) -> Callable[[Run], dict]:
         stage = config.sft.stages[index]
         source = run.path("student-init") if index == 0 else run.path("sft", config.sft.stages[index - 1].name)
         records = run.records("train")[: stage.records]
-        sft = config.sft
         # resume=True continues from the stage folder's newest checkpoint when an earlier attempt
         # was interrupted with the same inputs and settings; otherwise the stage starts over.
         return run_sft_stage(
             str(source), records, run.path("sft", stage.name),
             mode=stage.mode, fast_ratio=stage.fast_ratio, stage_name=f"sft-{stage.name}", epochs=stage.epochs,
-            learning_rate=stage.learning_rate, batch_size=sft.batch_size, grad_accum=sft.grad_accum,
-            max_length=sft.max_length, overlong=sft.overlong, warmup_ratio=sft.warmup_ratio, seed=config.seed,
-            difficulty=sft.difficulty, pacing=sft.resolved_pacing, buckets=sft.buckets,
-            initial_competence=sft.initial_competence, full_competence_at=sft.full_competence_at,
-            packing=sft.packing, teacher=config.teacher, scoring_batch_size=sft.scoring_batch_size,
-            save_steps=sft.save_steps or None, save_total_limit=sft.save_total_limit, resume=True,
+            learning_rate=stage.learning_rate, resume=True, **sft_settings(config),
         )
 
     return stage_sft
@@ -158,12 +164,10 @@ def stage_teacher_sft(run: Run) -> dict:
     if not adapt.enabled:
         return {"skipped": "teacher_sft.enabled is false; the teacher scores as loaded"}
     records = run.records("train")[: adapt.records]
+    # The same data order, packing and checkpointing as the student's SFT stages.
     return run_sft_stage(
-        config.teacher, records, run.path("teacher-sft"),
-        mode=adapt.mode, stage_name="teacher-sft", epochs=adapt.epochs,
-        learning_rate=adapt.learning_rate, batch_size=config.sft.batch_size,
-        grad_accum=config.sft.grad_accum, max_length=config.sft.max_length,
-        warmup_ratio=config.sft.warmup_ratio, curriculum=config.sft.curriculum, seed=config.seed,
+        config.teacher, records, run.path("teacher-sft"), mode=adapt.mode, stage_name="teacher-sft",
+        epochs=adapt.epochs, learning_rate=adapt.learning_rate, resume=True, **sft_settings(config),
     )
 
 
