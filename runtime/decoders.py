@@ -1,24 +1,29 @@
-"""Prefill and decode steps over the two ONNX decoder interfaces, each with its own KV cache.
+"""Prefill and decode steps over the ONNX decoder interfaces, each with its own KV cache.
 
 DynamicDecoder drives the graph of onnx_export.py, which concatenates past and new keys inside
 the graph. BufferDecoder drives the fixed-capacity graph of kv_buffer.py: the cache is a
 preallocated buffer per layer, bound to the session with I/O binding, so a decode step
-allocates nothing and copies only the new keys and values.
+allocates nothing and copies only the new keys and values. GQADecoder drives the fused graph of
+fused_graph.py, whose GroupQueryAttention appends to the same kind of buffer in place.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
 from edgelm.runtime.manifest import ExportManifest
 
+log = logging.getLogger(__name__)
+
 # Manifest values of `kv_cache` and the decoder class for each.
 DYNAMIC = "dynamic"
 BUFFER = "buffer"
 BUFFER_NEW = "buffer-new"
+GQA = "gqa"
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -297,8 +302,173 @@ class BufferDecoder:
         return self._run_chunk(cache, input_ids, positions, logits_to_keep=length)[0]
 
 
+@dataclass
+class GQAKVCache:
+    """Decoding state of one row of the fused GroupQueryAttention graph.
+
+    `past` holds one zero-initialised buffer per layer and kind, [1, kv_heads, capacity,
+    head_dim], and `values` wraps the same memory as OrtValues. The decode binding, the
+    step input and the logits output are built once, so a decode step allocates nothing.
+    """
+
+    past: dict[str, np.ndarray]
+    values: dict[str, ort.OrtValue]
+    attention_mask: np.ndarray  # int64 [1, capacity]; ones for the filled slots, then zeros
+    length: int = 0
+    binding: ort.IOBinding | None = None
+    step_ids: np.ndarray = field(default_factory=lambda: np.zeros((1, 1), dtype=np.int64))
+    step_logits: np.ndarray | None = None  # float32 [1, 1, vocab], the decode output
+    step_view: np.ndarray | None = None  # step_logits[:, -1, :], returned by every decode step
+
+    @property
+    def capacity(self) -> int:
+        return self.attention_mask.shape[1]
+
+
+@dataclass
+class GQARowCaches:
+    """Batch state of the fused graph: one batch-1 cache per row, run one after another."""
+
+    rows: list[GQAKVCache]
+    logits: np.ndarray  # float32 [batch, vocab], overwritten by each decode step
+
+
+class GQADecoder:
+    """Steps of the fused GroupQueryAttention graph (`kv_cache` "gqa", export/fused_graph.py).
+
+    Each present output is bound to the OrtValue of its past input. GroupQueryAttention's CPU
+    kernel then sees the same pointer and appends the new keys and values in place (checked
+    with onnxruntime 1.32 by tests/test_fused_graph.py). The attention mask is `capacity`
+    slots long, ones then zeros, and the graph reads each row's length from its sum, so the
+    decode binding never changes shape and is built once per cache.
+
+    The graph has no position ids: a token's rotary position is its slot. A left-padded
+    batch would therefore get wrong positions, so a batch of more than one prompt runs as
+    separate batch-1 caches, one row after another.
+    """
+
+    kind = GQA
+
+    def __init__(self, session: ort.InferenceSession, manifest: ExportManifest, device: str = "cpu"):
+        if device != "cpu":
+            raise ValueError(
+                f"kv_cache 'gqa' runs on the CPU provider only, not on {device!r}: its fp32 "
+                f"GroupQueryAttention has no kernel on GPU providers; use an export_kv_buffer folder there"
+            )
+        self.session = session
+        self.manifest = manifest
+        self.device = device
+        self.past_names = past_names(manifest.num_layers)
+        self.present_names = present_names(manifest.num_layers)
+        self.vocab_size = manifest.vocab_size
+        self.keep_one = np.ones(1, dtype=np.int64)
+        self._warned_batch = False
+
+    def check_signature(self, input_names: set[str], output_names: set[str]) -> list[str]:
+        required = {"input_ids", "attention_mask", "logits_to_keep", *self.past_names}
+        return sorted(required - input_names) + sorted({"logits", *self.present_names} - output_names)
+
+    def new_cache(self, capacity: int) -> GQAKVCache:
+        shape = (1, self.manifest.num_kv_heads, capacity, self.manifest.head_dim)
+        dtype = self.manifest.kv_numpy_dtype
+        past = {name: np.zeros(shape, dtype=dtype) for name in self.past_names}
+        values = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in past.items()}
+        return GQAKVCache(past=past, values=values, attention_mask=np.zeros((1, capacity), dtype=np.int64))
+
+    def _bind_cache(self, binding: ort.IOBinding, cache: GQAKVCache) -> None:
+        for past_name, present_name in zip(self.past_names, self.present_names):
+            value = cache.values[past_name]
+            binding.bind_ortvalue_input(past_name, value)
+            binding.bind_ortvalue_output(present_name, value)
+
+    def _run_chunk(self, cache: GQAKVCache, input_ids: np.ndarray, logits_to_keep: int) -> np.ndarray:
+        """Run `input_ids` [1, seq] into slots cache.length onward with a one-off binding; return logits."""
+        start, end = cache.length, cache.length + input_ids.shape[1]
+        cache.attention_mask[0, start:end] = 1
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        binding.bind_cpu_input("attention_mask", cache.attention_mask)
+        binding.bind_cpu_input("logits_to_keep", np.array([logits_to_keep], dtype=np.int64))
+        binding.bind_output("logits", "cpu")
+        self._bind_cache(binding, cache)
+        self.session.run_with_iobinding(binding)
+        cache.length = end
+        return binding.get_outputs()[0].numpy()
+
+    def _prefill_row(self, ids: np.ndarray, capacity: int) -> tuple[np.ndarray, GQAKVCache]:
+        cache = self.new_cache(max(capacity, ids.shape[1]))
+        logits = self._run_chunk(cache, ids.reshape(1, -1), logits_to_keep=1)
+        return logits[:, -1, :], cache
+
+    def prefill(self, input_ids, attention_mask, position_ids, capacity: int
+                ) -> tuple[np.ndarray, GQAKVCache | GQARowCaches]:
+        del position_ids  # the graph takes each token's position from its slot
+        if input_ids.shape[0] == 1:
+            return self._prefill_row(input_ids[:, attention_mask[0] > 0], capacity)
+        if not self._warned_batch:
+            log.info("kv_cache 'gqa' runs a batch of %d prompts as %d batch-1 caches, one after another",
+                     input_ids.shape[0], input_ids.shape[0])
+            self._warned_batch = True
+        rows, logits = [], []
+        for row in range(input_ids.shape[0]):
+            row_logits, cache = self._prefill_row(input_ids[row:row + 1, attention_mask[row] > 0], capacity)
+            rows.append(cache)
+            logits.append(row_logits[0])
+        return np.stack(logits), GQARowCaches(rows=rows, logits=np.stack(logits))
+
+    def _grow(self, cache: GQAKVCache, needed: int) -> None:
+        """Reallocate the buffers with at least `needed` slots, keeping the filled ones."""
+        bigger = self.new_cache(max(needed, 2 * cache.capacity))
+        for name in self.past_names:
+            bigger.past[name][:, :, : cache.length] = cache.past[name][:, :, : cache.length]
+        bigger.attention_mask[:, : cache.length] = 1
+        cache.past, cache.values, cache.attention_mask = bigger.past, bigger.values, bigger.attention_mask
+        cache.binding = None
+
+    def _bind_step(self, cache: GQAKVCache) -> ort.IOBinding:
+        """Bind the step input, the mask, the cache and the logits output of every decode step of `cache`.
+
+        The input OrtValues share memory with the numpy arrays in `cache`, so later steps
+        only overwrite those arrays.
+        """
+        if cache.step_logits is None:
+            cache.step_logits = np.zeros((1, 1, self.vocab_size), dtype=np.float32)
+            cache.step_view = cache.step_logits[:, -1, :]
+        binding = self.session.io_binding()
+        binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(cache.step_ids))
+        binding.bind_ortvalue_input("attention_mask", ort.OrtValue.ortvalue_from_numpy(cache.attention_mask))
+        binding.bind_ortvalue_input("logits_to_keep", ort.OrtValue.ortvalue_from_numpy(self.keep_one))
+        binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(cache.step_logits))
+        self._bind_cache(binding, cache)
+        return binding
+
+    def _decode_row(self, cache: GQAKVCache, token) -> np.ndarray:
+        if cache.length >= cache.capacity:
+            self._grow(cache, cache.length + 1)
+        if cache.binding is None:
+            cache.binding = self._bind_step(cache)
+        cache.step_ids[0, 0] = token
+        cache.attention_mask[0, cache.length] = 1
+        self.session.run_with_iobinding(cache.binding)
+        cache.length += 1
+        return cache.step_view
+
+    def decode(self, cache: GQAKVCache | GQARowCaches, tokens: np.ndarray) -> np.ndarray:
+        if isinstance(cache, GQAKVCache):
+            return self._decode_row(cache, tokens[0])
+        for row, row_cache in enumerate(cache.rows):
+            cache.logits[row] = self._decode_row(row_cache, tokens[row])[0]
+        return cache.logits
+
+    def score(self, input_ids: np.ndarray) -> np.ndarray:
+        length = input_ids.shape[1]
+        return self._run_chunk(self.new_cache(length), input_ids, logits_to_keep=length)[0]
+
+
 def make_decoder(session: ort.InferenceSession, manifest: ExportManifest, device: str = "cpu"):
     """Return the decoder for the manifest's `kv_cache` kind."""
     if manifest.kv_cache == DYNAMIC:
         return DynamicDecoder(session, manifest, device)
+    if manifest.kv_cache == GQA:
+        return GQADecoder(session, manifest, device)
     return BufferDecoder(session, manifest, device)

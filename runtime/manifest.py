@@ -12,7 +12,7 @@ MANIFEST_NAME = "edgelm_export.json"
 FORMAT_NAME = "edgelm-onnx"
 SUPPORTED_FORMAT_VERSIONS = (1,)
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
-KV_CACHE_KINDS = ("dynamic", "buffer", "buffer-new")
+KV_CACHE_KINDS = ("dynamic", "buffer", "buffer-new", "gqa")
 
 _REQUIRED_KEYS = ("model_file", "num_layers", "num_kv_heads", "head_dim", "vocab_size", "eos_token_ids")
 
@@ -33,7 +33,7 @@ class ExportManifest:
     model_type: str = ""
     kv_dtype: str = "float32"
     kv_cache: str = "dynamic"
-    """KV cache interface: "dynamic" (onnx_export.py), "buffer" or "buffer-new" (kv_buffer.py)."""
+    """KV cache interface: "dynamic" (onnx_export.py), "buffer" or "buffer-new" (kv_buffer.py), "gqa" (fused_graph.py)."""
     extra: dict = field(default_factory=dict)
 
     @property
