@@ -48,11 +48,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "null")
 FP32_OP_TYPES = ("Pow", "ReduceMean", "ReduceMeanD", "ReduceSum", "ReduceSumD", "Sqrt", "Rsqrt", "RealDiv",
                  "SoftmaxV2", "LayerNorm", "LayerNormV3", "RmsNorm")
 
-# Error codes that ATC prints, with a plain explanation and the next step. Sources: the
-# "error code reference" chapters of the CANN 5.0.4, 7.0 and 8.0 documentation on hiascend.com.
+# Error codes that ATC prints, with a plain explanation and the next step. EZ0501, EZ3002,
+# EZ3003 and E19010 follow the "error code reference" pages of the CANN 5.0.4, 7.0 and 8.0
+# documentation on hiascend.com. NOTE: the E10001 and E19999 texts are general readings
+# (invalid option, internal error), not checked against a CANN page.
 KNOWN_ERRORS = {
     "E10001": "an ATC option has an invalid value; check the option named in the message against `atc --help`",
-    "E10016": "an input name in --input_shape does not exist in the model; compare it with the graph's input names",
     "E19010": "no ONNX parser is registered for an operator at this opset (unsupported operator, or an opset "
               "newer than this CANN accepts); re-export with a lower opset or check cann_ops.json",
     "EZ0501": "the operator has no Ascend IR registration in this CANN version (unsupported operator)",
@@ -133,8 +134,8 @@ def unsupported_nodes(model_path: Path, cann_ops: dict | None = None) -> list[st
 def count_int64_nodes(model_path: Path) -> dict:
     """Count nodes with an int64 output, by op type, after ONNX shape inference.
 
-    AI Core kernels work on 32-bit integers, so ATC maps int64 ops to slower AI CPU kernels
-    or casts. Fewer int64 nodes means fewer such fallbacks.
+    Ascend deployment guides advise few int64 ops because many AI Core kernels lack int64
+    support and fall back to the AI CPU. NOTE: that effect was not measured here.
     """
     model = onnx.shape_inference.infer_shapes(onnx.load(str(model_path), load_external_data=False))
     int64_values = {value.name for value in [*model.graph.value_info, *model.graph.output, *model.graph.input]

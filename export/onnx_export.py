@@ -531,7 +531,7 @@ def measure_parity(reference, candidate, prompts: list[list[int]], heldout_chunk
 def check_torch_parity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, model_path: Path,
                        max_logits_diff: float = 1e-3, max_new_tokens: int = 16, decode_steps: int = 4,
                        strict: bool = True, thresholds: dict | None = None, heldout_texts=None,
-                       heldout_tokens: int = 256) -> dict:
+                       heldout_tokens: int = 512) -> dict:
     """Compare the ONNX graph at `model_path` with PyTorch and apply the fp32 thresholds.
 
     Logits are compared on PARITY_QUESTIONS in prefill and `decode_steps` cached steps, and on

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 PARITY_FILE = "parity.json"
 
-# Threshold keys and the direction in which a measured value fails.
+# Keys of a thresholds mapping: a `max_` value fails when exceeded, a `min_` value when undershot.
 THRESHOLD_KEYS = ("max_logits_diff", "min_top1_agreement", "max_ppl_increase", "min_greedy_agreement")
 
 # Held-out text used when the caller passes none: short arithmetic word problems with worked
@@ -55,7 +55,7 @@ DEFAULT_HELDOUT_TEXTS = (
 )
 
 
-def heldout_token_ids(tokenizer, texts=None, max_tokens: int = 256, chunk_tokens: int = 128) -> list[list[int]]:
+def heldout_token_ids(tokenizer, texts=None, max_tokens: int = 512, chunk_tokens: int = 128) -> list[list[int]]:
     """Tokenize held-out texts into chunks of at most `chunk_tokens`, `max_tokens` in total.
 
     Each text starts a new chunk, so no chunk crosses from one text into the next.
@@ -166,9 +166,9 @@ def apply_thresholds(result: dict, thresholds: dict, kind: str, key_prefix: str 
     return result
 
 
-def failure_message(result: dict, what: str) -> str:
+def failure_message(result: dict, subject: str) -> str:
     """Build the ParityError text: the numbers, each broken threshold and the keys to relax."""
-    return (f"{what} failed its parity check against {result.get('reference', 'the reference')}: "
+    return (f"{subject} failed its parity check against {result.get('reference', 'the reference')}: "
             f"{'; '.join(result['failures'])}. Measured: {summarize(result)}. If this accuracy is acceptable, "
             f"relax the named keys in the config (or pass strict=False to keep the output and read parity.json).")
 

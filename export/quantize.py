@@ -67,14 +67,14 @@ class Scheme:
 DEFAULT_THRESHOLDS = {
     "fp16": {"max_logits_diff": 1.0, "min_top1_agreement": 0.97, "max_ppl_increase": 0.01,
              "min_greedy_agreement": 0.8},
-    "int8": {"max_logits_diff": 10.0, "min_top1_agreement": 0.85, "max_ppl_increase": 0.1,
-             "min_greedy_agreement": 0.4},
-    "int8-static": {"max_logits_diff": 10.0, "min_top1_agreement": 0.85, "max_ppl_increase": 0.1,
-                    "min_greedy_agreement": 0.4},
+    "int8": {"max_logits_diff": 15.0, "min_top1_agreement": 0.75, "max_ppl_increase": 0.25,
+             "min_greedy_agreement": 0.5},
+    "int8-static": {"max_logits_diff": 15.0, "min_top1_agreement": 0.75, "max_ppl_increase": 0.25,
+                    "min_greedy_agreement": 0.5},
     "int8-weight": {"max_logits_diff": 5.0, "min_top1_agreement": 0.9, "max_ppl_increase": 0.05,
                     "min_greedy_agreement": 0.5},
-    "int4": {"max_logits_diff": 20.0, "min_top1_agreement": 0.6, "max_ppl_increase": 0.5,
-             "min_greedy_agreement": 0.1},
+    "int4": {"max_logits_diff": 20.0, "min_top1_agreement": 0.7, "max_ppl_increase": 0.25,
+             "min_greedy_agreement": 0.5},
 }
 
 SCHEMES = {
@@ -89,8 +89,10 @@ SCHEMES = {
                            "bits": 8, "lm_head": "int8"}),
     "int4": Scheme("weight-only int4 (MatMulNBits), block-wise scales, fp32 activations",
                    DEFAULT_THRESHOLDS["int4"],
-                   {"block_size": 32, "symmetric": True, "accuracy_level": None, "quantize_embedding": True,
-                    "bits": 4, "lm_head": "int4"}),
+                   # Block 16, asymmetric, LM head int8: the most accurate setting measured on the
+                   # 10-layer student (docs/export.md), at 88 MB against 58 MB for block 32 symmetric.
+                   {"block_size": 16, "symmetric": False, "accuracy_level": None, "quantize_embedding": True,
+                    "bits": 4, "lm_head": "int8"}),
     "fp16": Scheme("fp16 weights and compute; graph inputs and outputs, norms and Softmax in fp32",
                    DEFAULT_THRESHOLDS["fp16"], {"keep_fp32_norms": True}),
 }
@@ -376,6 +378,43 @@ def keep_norms_fp32(model: onnx.ModelProto) -> list[str]:
     return names
 
 
+def remove_fp16_round_trips(model: onnx.ModelProto) -> int:
+    """Remove Cast-to-fp16 followed by Cast-to-fp32 pairs, wiring the consumer to the fp32 value.
+
+    onnxruntime's fp16 converter (1.32) casts the output of every blocked node to fp16 and
+    back before the next blocked node, so x**2 in an RMSNorm still passes through fp16
+    and overflows. Returns the number of Cast-to-fp32 nodes removed.
+    """
+    graph_outputs = {output.name for output in model.graph.output}
+    casts_to = {node.output[0]: node for node in model.graph.node
+                if node.op_type == "Cast" and onnx.helper.get_attribute_value(node.attribute[0]) == onnx.TensorProto.FLOAT16}
+    rename: dict[str, str] = {}
+    removed: set[str] = set()
+    for node in model.graph.node:
+        to_fp32 = node.op_type == "Cast" and onnx.helper.get_attribute_value(node.attribute[0]) == onnx.TensorProto.FLOAT
+        if to_fp32 and node.input[0] in casts_to and node.output[0] not in graph_outputs:
+            rename[node.output[0]] = casts_to[node.input[0]].input[0]
+            removed.add(node.name)
+    kept = []
+    for node in model.graph.node:
+        if node.name in removed:
+            continue
+        for index, name in enumerate(node.input):
+            if name in rename:
+                node.input[index] = rename[name]
+        kept.append(node)
+    # A Cast-to-fp16 whose output nothing reads any more goes too.
+    used = {name for node in kept for name in node.input} | graph_outputs
+    kept = [node for node in kept if not (node.output[0] in casts_to and node.output[0] not in used)]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    stale = set(rename) | {name for name in casts_to if name not in used}
+    value_info = [value for value in model.graph.value_info if value.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(value_info)
+    return len(removed)
+
+
 def quantize_fp16(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -386,8 +425,10 @@ def quantize_fp16(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     # blocked nodes, and without them blocked nodes silently run in fp16.
     converted = convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=False,
                                          op_block_list=op_block_list, node_block_list=node_block_list)
+    round_trips = remove_fp16_round_trips(converted)
     _save(converted, path)
-    return {"fp32_nodes": len(node_block_list), "fp32_op_types": sorted(set(op_block_list) - set(DEFAULT_OP_BLOCK_LIST))}
+    return {"fp32_nodes": len(node_block_list), "fp16_round_trips_removed": round_trips,
+            "fp32_op_types": sorted(set(op_block_list) - set(DEFAULT_OP_BLOCK_LIST))}
 
 
 QUANTIZERS = {"int8": quantize_int8, "int8-static": quantize_int8_static, "int8-weight": quantize_nbits,
@@ -396,7 +437,7 @@ QUANTIZERS = {"int8": quantize_int8, "int8-static": quantize_int8_static, "int8-
 
 def check_onnx_parity(reference_path: Path, candidate_path: Path, geometry: ModelGeometry, tokenizer_dir: Path,
                       eos_ids, pad_id: int, thresholds: dict, kind: str, max_new_tokens: int = 16,
-                      decode_steps: int = 4, heldout_texts=None, heldout_tokens: int = 256) -> dict:
+                      decode_steps: int = 4, heldout_texts=None, heldout_tokens: int = 512) -> dict:
     """Compare two ONNX graphs (prompts, held-out text, greedy tokens) and apply `thresholds`."""
     from edgelm.export.parity import apply_thresholds, heldout_token_ids
 
