@@ -290,13 +290,13 @@ class ParityConfig:
     """fp32 ONNX export against PyTorch."""
     fp16: ParityThresholds = field(default_factory=lambda: ParityThresholds(1.0, 0.97, 0.01, 0.8))
     """fp16 variant against the fp32 ONNX graph."""
-    int8: ParityThresholds = field(default_factory=lambda: ParityThresholds(15.0, 0.85, 0.1, 0.4))
+    int8: ParityThresholds = field(default_factory=lambda: ParityThresholds(15.0, 0.75, 0.25, 0.5))
     """Dynamic int8 variant against the fp32 ONNX graph."""
-    int8_static: ParityThresholds = field(default_factory=lambda: ParityThresholds(15.0, 0.85, 0.1, 0.4))
+    int8_static: ParityThresholds = field(default_factory=lambda: ParityThresholds(15.0, 0.75, 0.25, 0.5))
     """Static int8 QDQ variant against the fp32 ONNX graph."""
     int8_weight: ParityThresholds = field(default_factory=lambda: ParityThresholds(5.0, 0.9, 0.05, 0.5))
     """Weight-only int8 variant against the fp32 ONNX graph."""
-    int4: ParityThresholds = field(default_factory=lambda: ParityThresholds(20.0, 0.6, 0.5, 0.1))
+    int4: ParityThresholds = field(default_factory=lambda: ParityThresholds(20.0, 0.7, 0.25, 0.5))
     """Weight-only int4 variant against the fp32 ONNX graph."""
     ascend: ParityThresholds = field(default_factory=ParityThresholds)
     """Static Ascend prefill graph (onnxruntime CPU) against the dynamic fp32 ONNX graph."""
@@ -321,19 +321,19 @@ class ExportConfig:
     """Thresholds that fail the export or quantize stage when a variant drifts too far from its reference."""
     heldout_records: int = 12
     """Held-out test records (from the end of data.test) whose chat transcripts parity uses for teacher forcing."""
-    int4_block_size: int = 32
+    int4_block_size: int = 16
     """Weights per int4 scale block (16, 32, 64, 128 or 256)."""
-    int4_symmetric: bool = True
+    int4_symmetric: bool = False
     """Symmetric int4 (no zero point); false adds a zero point per block."""
     int4_accuracy_level: int | None = None
     """MatMulNBits accuracy_level: null or 0 (onnxruntime's default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations."""
-    int4_lm_head: str = "int4"
+    int4_lm_head: str = "int8"
     """Precision of the LM head in the int4 variant: int4, int8 (MatMulNBits 8 bits) or fp32."""
     calibration_samples: int = 16
     """Training prompts that calibrate activation ranges for int8-static."""
     sample_prompts: int = 20
     """GSM8K test prompts whose greedy answers every variant writes to export/samples.md (0 skips it)."""
-    sample_new_tokens: int = 48
+    sample_new_tokens: int = 32
     """New tokens per greedy answer in export/samples.md."""
 
     def validate(self, key: str) -> None:
