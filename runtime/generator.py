@@ -12,7 +12,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 from edgelm.runtime.chat_template import load_chat_template, render_chat_template
-from edgelm.runtime.decoders import BufferKVCache, KVCache, left_pad, make_decoder
+from edgelm.runtime.decoders import BufferKVCache, GQAKVCache, GQARowCaches, KVCache, left_pad, make_decoder
 from edgelm.runtime.detokenize import TextStream
 from edgelm.runtime.manifest import ExportManifest, read_manifest
 from edgelm.runtime.sampling import SamplingSettings, apply_repetition_penalty, next_tokens
@@ -156,7 +156,7 @@ class Generator:
     # ----- model steps ----------------------------------------------------------------------------
 
     def prefill(self, prompt_ids: Sequence[Sequence[int]], capacity: int | None = None
-                ) -> tuple[np.ndarray, KVCache | BufferKVCache]:
+                ) -> tuple[np.ndarray, KVCache | BufferKVCache | GQAKVCache | GQARowCaches]:
         """Run the prompts (left-padded to one length) and return (last-position logits [batch, vocab], cache).
 
         `capacity` is the number of KV cache slots to preallocate on a fixed-capacity export
@@ -174,10 +174,11 @@ class Generator:
             capacity = length + DEFAULT_EXTRA_SLOTS
         return self.decoder.prefill(input_ids, attention_mask, position_ids, capacity)
 
-    def decode_step(self, cache: KVCache | BufferKVCache, tokens: np.ndarray) -> np.ndarray:
+    def decode_step(self, cache: KVCache | BufferKVCache | GQAKVCache | GQARowCaches, tokens: np.ndarray
+                    ) -> np.ndarray:
         """Feed one token per row, update `cache` in place, and return next-token logits [batch, vocab].
 
-        On a fixed-capacity export the returned array is reused by the next step; copy it to keep it.
+        On a fixed-capacity or "gqa" export the returned array is reused by the next step; copy it to keep it.
         """
         return self.decoder.decode(cache, tokens)
 
