@@ -208,7 +208,7 @@ def stage_distill(run: Run) -> dict:
 
 
 def _heldout_texts(run: Run) -> list[str]:
-    """Chat transcripts of the last export.heldout_records test records, for parity teacher forcing."""
+    """Return chat transcripts of the last export.heldout_records test records, for parity teacher forcing."""
     from edgelm.export.parity import chat_heldout_texts
     from edgelm.train.models import load_tokenizer
 
