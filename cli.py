@@ -139,16 +139,25 @@ def cmd_export(args) -> int:
 def cmd_quantize(args) -> int:
     from edgelm.export.quantize import quantize
 
-    _print_json(quantize(args.onnx, args.out, args.scheme))
+    options = {}
+    if args.scheme == "int4":
+        options = {"block_size": args.block_size, "symmetric": not args.asymmetric, "lm_head": args.lm_head}
+        if args.accuracy_level is not None:
+            options["accuracy_level"] = args.accuracy_level
+    _print_json(quantize(args.onnx, args.out, args.scheme, **options))
     return 0
 
 
 def cmd_ascend(args) -> int:
     from edgelm.export.ascend import export_ascend
+    from edgelm.export.atc import AtcOptions
 
+    options = AtcOptions(soc_version=args.soc_version, precision_mode_v2=args.precision_mode_v2,
+                         prefill_gears=tuple(args.prefill_gears), te_parallel_compiler=args.te_parallel_compiler)
+    options.validate()
     _print_json(export_ascend(
         args.model, args.out, max_prompt_len=args.max_prompt_len, kv_capacity=args.kv_capacity,
-        soc_version=args.soc_version, opset=args.opset, dynamic_dir=args.dynamic_dir,
+        soc_version=args.soc_version, opset=args.opset, dynamic_dir=args.dynamic_dir, atc_options=options,
     ))
     return 0
 
@@ -318,7 +327,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="fp32 export folder from `edgelm export`")
     p.add_argument("--out", required=True, help="output export folder")
     p.add_argument("--scheme", choices=sorted(QUANT_SCHEMES), required=True,
-                   help="int8 (dynamic: int8 weights and activations), int8-weight or int4 (weight-only, fp32 activations), fp16")
+                   help="int8 (dynamic: int8 weights and activations), int8-static (calibrated QDQ), int8-weight or "
+                        "int4 (weight-only, fp32 activations), fp16")
+    p.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256], default=16,
+                   help="int4: weights per scale block (default: 16)")
+    p.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=True,
+                   help="int4: a zero point per block; --no-asymmetric for symmetric blocks (default: asymmetric)")
+    p.add_argument("--accuracy-level", type=int, choices=range(5),
+                   help="int4: MatMulNBits accuracy_level, 4 = int8 activations, fastest (default: onnxruntime's)")
+    p.add_argument("--lm-head", choices=["int4", "int8", "fp32"], default="int8",
+                   help="int4: precision of the output projection (default: int8)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("ascend", help="static-shape ONNX graphs and the ATC command for Ascend NPUs")
@@ -329,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-capacity", type=positive_int, default=256, help="KV cache slots in tokens (default: 256)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset, at most 18 for ATC (default: 17)")
     p.add_argument("--dynamic-dir", type=Path, help="dynamic ONNX export to compare greedy tokens with (default: compare with PyTorch)")
+    p.add_argument("--precision-mode-v2", default="mixed_float16",
+                   help="ATC --precision_mode_v2; mixed_float16 keeps norms and reductions fp32 through a mix list (default: mixed_float16)")
+    p.add_argument("--prefill-gears", type=positive_int, nargs="*", default=[],
+                   help="extra prompt lengths for ATC --dynamic_dims gears (default: none)")
+    p.add_argument("--te-parallel-compiler", type=positive_int,
+                   help="TE_PARALLEL_COMPILER for atc: parallel operator compile jobs (default: ATC's)")
     p.set_defaults(func=cmd_ascend)
 
     p = sub.add_parser("generate", help="generate text from an ONNX export (runtime only, no torch)")

@@ -329,6 +329,10 @@ class ExportConfig:
     """MatMulNBits accuracy_level: null or 0 (onnxruntime's default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations."""
     int4_lm_head: str = "int8"
     """Precision of the LM head in the int4 variant: int4, int8 (MatMulNBits 8 bits) or fp32."""
+    fused_int4: bool = True
+    """Also write export/fused-int4: the model rebuilt from onnxruntime's fused operators
+    (GroupQueryAttention with the KV cache written in place) and quantized with the int4 settings
+    above; the runtime's fastest CPU variant. Llama, Qwen2 and Mistral only; other families skip it."""
     calibration_samples: int = 16
     """Training prompts that calibrate activation ranges for int8-static."""
     sample_prompts: int = 20

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -242,7 +243,26 @@ def stage_quantize(run: Run) -> dict:
         results[scheme] = quantize(run.path("export", "onnx"), run.path("export", scheme), scheme, strict=True,
                                    thresholds=config.parity.for_kind(scheme), heldout_texts=heldout,
                                    calibration_texts=calibration, **options.get(scheme, {}))
+    if config.fused_int4:
+        results["fused-int4"] = _fused_int4(run, options["int4"])
     return results
+
+
+def _fused_int4(run: Run, int4_options: dict) -> dict:
+    """Build the fused GroupQueryAttention graph in fp32, then keep only its int4 copy."""
+    from transformers import AutoConfig
+
+    from edgelm.export.fused_graph import check_supported, export_fused, quantize_fused
+
+    try:
+        check_supported(AutoConfig.from_pretrained(run.path("distill")))
+    except ValueError as error:
+        log.info("no fused-int4 variant: %s", error)
+        return {"skipped": str(error)}
+    options = {key: value for key, value in int4_options.items() if value is not None}
+    with tempfile.TemporaryDirectory(prefix="fused-fp32-", dir=run.path("export")) as fp32_dir:
+        export_fused(run.path("distill"), fp32_dir)
+        return quantize_fused(fp32_dir, run.path("export", "fused-int4"), **options)
 
 
 def stage_ascend(run: Run) -> dict:
@@ -287,6 +307,8 @@ def eval_targets(run: Run) -> list[tuple[str, str, Path | str, str]]:
     targets += [("distill", "pytorch", run.path("distill"), "distill"),
                 ("onnx-fp32", "onnx", run.path("export", "onnx"), "export")]
     targets += [(f"onnx-{scheme}", "onnx", run.path("export", scheme), "quantize") for scheme in config.export.quantize]
+    if config.export.fused_int4 and run.path("export", "fused-int4", "edgelm_export.json").is_file():
+        targets.append(("onnx-fused-int4", "onnx", run.path("export", "fused-int4"), "quantize"))
     return targets
 
 
@@ -324,6 +346,8 @@ def stage_bench(run: Run) -> dict:
                {"name": "onnx-fp32", "kind": "onnx", "path": str(run.path("export", "onnx"))}]
     targets += [{"name": f"onnx-{scheme}", "kind": "onnx", "path": str(run.path("export", scheme))}
                 for scheme in run.config.export.quantize]
+    if run.path("export", "fused-int4", "edgelm_export.json").is_file():
+        targets.append({"name": "onnx-fused-int4", "kind": "onnx", "path": str(run.path("export", "fused-int4"))})
     return run_benchmark(targets, prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens,
                          runs=config.runs, threads=config.threads)
 

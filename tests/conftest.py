@@ -21,6 +21,15 @@ TINY_CONFIGS = {
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True),
     "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=False),
+    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True),
+    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, sliding_window=None, max_position_embeddings=512,
+                    tie_word_embeddings=False),
+    # One sliding-window layer and one full layer, as Gemma 3 alternates them.
+    "gemma3_text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, sliding_window=8, max_position_embeddings=512,
+                        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),
 }
 
 

@@ -178,43 +178,10 @@ def test_left_padded_batch_equals_single(llama_export, llama_dir):
     assert batch[1] == decoder.greedy([long], 12, eos, pad)[0]
 
 
-# Families missing from conftest.TINY_CONFIGS; built here until they are added there.
-EXTRA_TINY_CONFIGS = {
-    "qwen3": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, tie_word_embeddings=True),
-    "mistral": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=None,
-                    tie_word_embeddings=False),
-    # sliding_window=8 is shorter than the parity prompts, so the sliding-window mask is exercised.
-    "gemma3_text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=8,
-                        layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),
-}
-
-
-def build_family(model_type: str, tokenizer_dir, out_dir):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from edgelm.train.models import fix_special_tokens
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), initializer_range=0.2,
-                                  **EXTRA_TINY_CONFIGS[model_type])
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    fix_special_tokens(tokenizer, model)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
-
-
 @pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral", "gemma3_text"])
-def test_family_export_parity(family, tiny_model_factory, smollm2_tokenizer_dir, tmp_path):
-    if family in EXTRA_TINY_CONFIGS:
-        model_dir = build_family(family, smollm2_tokenizer_dir, tmp_path / family)
-    else:
-        model_dir = tiny_model_factory(family, initializer_range=0.2)
+def test_family_export_parity(family, tiny_model_factory, tmp_path):
+    # gemma3_text's sliding_window=8 is shorter than the parity prompts, so its window mask is exercised.
+    model_dir = tiny_model_factory(family, initializer_range=0.2)
     manifest = export_onnx(model_dir, tmp_path / f"{family}-onnx")
     assert manifest["model_type"] == family
     assert manifest["parity"]["max_logits_diff"] < 1e-3
