@@ -44,7 +44,7 @@ def gsm8k_records(args) -> list[dict]:
 
 
 def pipeline_run(args, workdir: Path, overrides: list[str]):
-    """A pipeline Run in `workdir` whose student and teacher are the benchmark's."""
+    """Return a pipeline Run in `workdir` whose student and teacher are the benchmark's."""
     from edgelm import pipeline
     from edgelm.config import load_config
 
@@ -200,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, default=64, help="training prompts (distillation) or records (SFT)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per student update")
     parser.add_argument("--rollout-batch-size", type=int, default=32, help="prompts generated together by edgelm")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="longest sampled answer, tokens")
-    parser.add_argument("--max-length", type=int, default=384, help="longest training sequence, tokens")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="maximum tokens generated per completion")
+    parser.add_argument("--max-length", type=int, default=384, help="maximum tokens per training sequence")
     parser.add_argument("--top-k", type=int, default=32, help="teacher logits edgelm stores per token")
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the student")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
