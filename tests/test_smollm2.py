@@ -24,6 +24,14 @@ def test_gguf_loads_as_dequantized_llama(smollm2):
     assert len(tokenizer) == model.config.vocab_size == 49152
 
 
+def test_gguf_model_accepted_by_trainer(smollm2):
+    # Teacher adaptation fine-tunes the GGUF teacher; Trainer rejects models still marked quantized.
+    from transformers.trainer_utils import validate_quantization_for_training
+
+    model, _ = smollm2
+    validate_quantization_for_training(model)
+
+
 def test_end_of_turn_token_fixed(smollm2):
     model, tokenizer = smollm2
     assert tokenizer.eos_token == "<|im_end|>"

@@ -123,8 +123,10 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
 
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:
     # transformers dequantizes GGUF weights to `dtype` on load but keeps a GGUF quantization
-    # config, and transformers 5 refuses save_pretrained while it is set.
+    # config and marks the model quantized. transformers 5 then refuses save_pretrained, and
+    # Trainer refuses to fine-tune it (teacher adaptation does) without adapters.
     model.hf_quantizer = None
+    model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
 
