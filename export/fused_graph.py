@@ -308,24 +308,15 @@ def run_fused_graph(session: ort.InferenceSession, geometry: ModelGeometry, prom
 def check_fused_parity(model, tokenizer, model_path: Path, max_logits_diff: float = 1e-3, decode_steps: int = 4
                        ) -> dict:
     """Compare the fused graph's logits with PyTorch on the parity prompts (prefill and decode steps)."""
+    from edgelm.export.kv_buffer import compare_steps_with_torch
+
     geometry = ModelGeometry.from_config(model.config)
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-    worst = 0.0
-    top1_same = total = 0
-    for prompt in parity_prompts(tokenizer):
-        onnx_logits = run_fused_graph(session, geometry, prompt, decode_steps, len(prompt) + decode_steps + 3)
-        tokens = list(prompt) + [int(x.argmax()) for x in onnx_logits[:-1]]
-        with torch.no_grad():
-            reference = model(input_ids=torch.tensor([tokens])).logits[0].numpy()
-        for step, logits in enumerate(onnx_logits):
-            expected = reference[len(prompt) - 1 + step]
-            worst = max(worst, float(np.abs(expected - logits).max()))
-            top1_same += int(expected.argmax() == logits.argmax())
-            total += 1
-    result = {"reference": "pytorch", "max_logits_diff": worst, "top1_agreement": top1_same / total,
-              "tolerance": max_logits_diff, "passed": worst <= max_logits_diff}
-    log.info("fused GQA graph vs PyTorch: max logits diff %.3g (tolerance %.3g)", worst, max_logits_diff)
-    return result
+
+    def step_logits(prompt):
+        return run_fused_graph(session, geometry, prompt, decode_steps, len(prompt) + decode_steps + 3)
+
+    return compare_steps_with_torch(model, tokenizer, step_logits, max_logits_diff, "fused GQA graph")
 
 
 # ---------------------------------------------------------------- entry points

@@ -269,15 +269,16 @@ def _run_buffer_graph(session, layout: str, geometry: ModelGeometry, prompt: lis
     return logits_seen
 
 
-def check_buffer_parity(model, tokenizer, model_path: Path, layout: str, max_logits_diff: float = 1e-3,
-                        decode_steps: int = 4) -> dict:
-    """Compare the buffer graph's logits with PyTorch on the parity prompts (prefill and decode steps)."""
-    geometry = ModelGeometry.from_config(model.config)
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+def compare_steps_with_torch(model, tokenizer, step_logits, max_logits_diff: float, label: str) -> dict:
+    """Compare a graph's prefill and decode logits with PyTorch on the parity prompts.
+
+    `step_logits(prompt)` runs the graph greedily and returns the logits of the prefill's last
+    position followed by those of each decode step. PyTorch scores the same token sequence in one pass.
+    """
     worst = 0.0
     top1_same = total = 0
     for prompt in parity_prompts(tokenizer):
-        onnx_logits = _run_buffer_graph(session, layout, geometry, prompt, decode_steps, len(prompt) + decode_steps + 3)
+        onnx_logits = step_logits(prompt)
         tokens = list(prompt) + [int(x.argmax()) for x in onnx_logits[:-1]]
         with torch.no_grad():
             reference = model(input_ids=torch.tensor([tokens])).logits[0].numpy()
@@ -288,8 +289,20 @@ def check_buffer_parity(model, tokenizer, model_path: Path, layout: str, max_log
             total += 1
     result = {"reference": "pytorch", "max_logits_diff": worst, "top1_agreement": top1_same / total,
               "tolerance": max_logits_diff, "passed": worst <= max_logits_diff}
-    log.info("fixed-capacity KV cache graph vs PyTorch: max logits diff %.3g (tolerance %.3g)", worst, max_logits_diff)
+    log.info("%s vs PyTorch: max logits diff %.3g (tolerance %.3g)", label, worst, max_logits_diff)
     return result
+
+
+def check_buffer_parity(model, tokenizer, model_path: Path, layout: str, max_logits_diff: float = 1e-3,
+                        decode_steps: int = 4) -> dict:
+    """Compare the buffer graph's logits with PyTorch on the parity prompts (prefill and decode steps)."""
+    geometry = ModelGeometry.from_config(model.config)
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+
+    def step_logits(prompt):
+        return _run_buffer_graph(session, layout, geometry, prompt, decode_steps, len(prompt) + decode_steps + 3)
+
+    return compare_steps_with_torch(model, tokenizer, step_logits, max_logits_diff, "fixed-capacity KV cache graph")
 
 
 # ---------------------------------------------------------------- entry point
