@@ -333,8 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4: weights per scale block (default: 16)")
     p.add_argument("--asymmetric", action=argparse.BooleanOptionalAction, default=True,
                    help="int4: a zero point per block; --no-asymmetric for symmetric blocks (default: asymmetric)")
-    p.add_argument("--accuracy-level", type=int, choices=range(5),
-                   help="int4: MatMulNBits accuracy_level, 4 = int8 activations, fastest (default: onnxruntime's)")
+    p.add_argument("--accuracy-level", type=int, choices=range(5), default=4,
+                   help="int4: MatMulNBits accuracy_level; 0 = onnxruntime's default, 4 = int8 activations, fastest (default: 4)")
     p.add_argument("--lm-head", choices=["int4", "int8", "fp32"], default="int8",
                    help="int4: precision of the output projection (default: int8)")
     p.set_defaults(func=cmd_quantize)

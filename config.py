@@ -325,7 +325,7 @@ class ExportConfig:
     """Weights per int4 scale block (16, 32, 64, 128 or 256)."""
     int4_symmetric: bool = False
     """Symmetric int4 (no zero point); false adds a zero point per block."""
-    int4_accuracy_level: int | None = None
+    int4_accuracy_level: int | None = 4
     """MatMulNBits accuracy_level: null or 0 (onnxruntime's default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations."""
     int4_lm_head: str = "int8"
     """Precision of the LM head in the int4 variant: int4, int8 (MatMulNBits 8 bits) or fp32."""
