@@ -395,6 +395,10 @@ def first_stage_reading(key: str, names: list[str]) -> str:
     section, _, field = key.partition(".")
     if section == "distill":
         stage = {"targets": "rollout", "top_k": "score", "score_batch_size": "score"}.get(field, "distill")
+    elif section == "export" and (field == "quantize" or field.startswith(("int4_", "fused_", "calibration_"))):
+        stage = "quantize"
+    elif section == "export" and field.startswith("sample_"):
+        stage = "ascend"  # the ascend stage writes export/samples.md for every variant
     elif section == "sft":
         stage = next(name for name in names if name.startswith("sft-"))
     else:

@@ -139,3 +139,13 @@ def test_until_before_from_is_rejected_without_side_effects(tmp_path):
     with pytest.raises(ConfigError, match="comes before"):
         pipeline.run_pipeline(config, start_from="distill", stop_after="data")
     assert not (tmp_path / "run").exists()
+
+
+def test_quantize_settings_redo_from_quantize():
+    from edgelm.config import PACKAGED_CONFIGS
+
+    names = pipeline.stage_names(load_config(PACKAGED_CONFIGS / "default.yaml"))
+    assert pipeline.first_stage_reading("export.int4_accuracy_level", names) == "quantize"
+    assert pipeline.first_stage_reading("export.quantize", names) == "quantize"
+    assert pipeline.first_stage_reading("export.sample_prompts", names) == "ascend"
+    assert pipeline.first_stage_reading("export.opset", names) == "export"
