@@ -68,7 +68,7 @@ def edgelm_distill(args) -> dict:
     config, run = pipeline_run(args, workdir, [
         f"rollout.records={args.records}", f"rollout.batch_size={args.rollout_batch_size}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.temperature={args.temperature}",
-        f"distill.batch_size={args.batch_size}", f"distill.top_k={args.top_k}",
+        f"distill.batch_size={args.batch_size}", f"distill.top_k={args.top_k}", f"distill.epochs={args.epochs}",
     ])
     run.sft_final.parent.mkdir(parents=True, exist_ok=True)
     run.sft_final.symlink_to(Path(args.student).resolve())
@@ -97,7 +97,7 @@ def trl_distill(args) -> dict:
     rows = [{"messages": prompt_messages(r, mode) + [{"role": "assistant", "content": target_text(r, mode)}]}
             for r in gsm8k_records(args)]
     config = GKDConfig(
-        output_dir=args.workdir, per_device_train_batch_size=args.batch_size, num_train_epochs=1,
+        output_dir=args.workdir, per_device_train_batch_size=args.batch_size, num_train_epochs=args.epochs,
         learning_rate=5e-5, lmbda=1.0, beta=0.0, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
         max_length=args.max_length, report_to=[], save_strategy="no", logging_steps=10, seed=0,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
@@ -182,7 +182,7 @@ def run_worker(name: str, args) -> dict:
                    "--student", args.student, "--data", args.data, "--records", str(args.records),
                    "--batch-size", str(args.batch_size), "--rollout-batch-size", str(args.rollout_batch_size),
                    "--max-new-tokens", str(args.max_new_tokens), "--max-length", str(args.max_length),
-                   "--top-k", str(args.top_k), "--temperature", str(args.temperature)]
+                   "--top-k", str(args.top_k), "--temperature", str(args.temperature), "--epochs", str(args.epochs)]
         command += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
         print(f"running {name} ...", file=sys.stderr, flush=True)
         output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="GSM8K-style training JSONL")
     parser.add_argument("--records", type=int, default=64, help="training prompts (distillation) or records (SFT)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per student update")
+    parser.add_argument("--epochs", type=int, default=1,
+                        help="distillation passes over the prompts: edgelm reuses its one rollout and scoring pass, "
+                             "GKD generates and scores again every step")
     parser.add_argument("--rollout-batch-size", type=int, default=32, help="prompts generated together by edgelm")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="maximum tokens generated per completion")
     parser.add_argument("--max-length", type=int, default=384, help="maximum tokens per training sequence")
@@ -221,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     default_models(args)
-    print(f"teacher: {args.teacher}\nstudent: {args.student}\nrecords: {args.records}, batch {args.batch_size}")
+    print(f"teacher: {args.teacher}\nstudent: {args.student}\nrecords: {args.records}, batch {args.batch_size}, "
+          f"distillation epochs {args.epochs}")
     pairs = {"distill": ("edgelm-distill", "trl-gkd"), "sft": ("edgelm-sft", "trl-sft")}
     summary = {}
     for comparison, (ours, theirs) in pairs.items():
