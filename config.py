@@ -95,14 +95,14 @@ class SFTConfig:
     max_length: int = 384
     """Maximum tokens per example (prompt + answer), and the row length when packing."""
     overlong: str = "skip"
-    """What happens to an example longer than max_length: 'skip' it or 'truncate' it; both are counted."""
+    """Handling of an example longer than max_length: 'skip' or 'truncate'. Both are counted in the mask report."""
     warmup_ratio: float = 0.05
     """Fraction of each stage's steps spent on linear learning-rate warmup."""
     difficulty: str = "steps"
     """Difficulty scorer: 'steps' (reasoning steps), 'length' (target tokens), 'teacher_loss' (the
     teacher's loss per target token) or 'student_loss' (the student's, recomputed every epoch)."""
     pacing: str = "buckets"
-    """How hard examples enter: 'buckets' (equal-size buckets join one by one), 'linear' or 'sqrt'
+    """Pacing, the order in which harder examples enter: 'buckets' (equal-size buckets join one by one), 'linear' or 'sqrt'
     (competence schedules), or 'none' (shuffled every epoch, the baseline)."""
     buckets: int = 4
     """Buckets of the 'buckets' pacing; also the number of difficulty groups that packing keeps apart."""
@@ -118,7 +118,7 @@ class SFTConfig:
     """Optimizer steps between checkpoints in sft/<stage>/checkpoints; 0 saves none. An interrupted
     stage resumes from the newest checkpoint; they are deleted once the stage's model is saved."""
     save_total_limit: int = 2
-    """Checkpoints kept per stage (each holds the model and the optimizer state)."""
+    """Checkpoints kept per stage (each contains the model and the optimizer state)."""
     curriculum: bool | None = None
     """Older switch: false is the same as pacing: none; null or true leave pacing as set."""
 
@@ -330,9 +330,10 @@ class ExportConfig:
     int4_lm_head: str = "int8"
     """Precision of the LM head in the int4 variant: int4, int8 (MatMulNBits 8 bits) or fp32."""
     fused_int4: bool = True
-    """Also write export/fused-int4: the model rebuilt from onnxruntime's fused operators
-    (GroupQueryAttention with the KV cache written in place) and quantized with the int4 settings
-    above; the runtime's fastest CPU variant. Llama, Qwen2 and Mistral only; other families skip it."""
+    """Whether to also write export/fused-int4, the runtime's fastest CPU variant. It is the model
+    rebuilt from onnxruntime's fused operators (GroupQueryAttention with the KV cache written in
+    place), quantized with the int4 settings above. Llama, Qwen2 and Mistral only; other families
+    skip it."""
     calibration_samples: int = 16
     """Training prompts that calibrate activation ranges for int8-static."""
     sample_prompts: int = 20

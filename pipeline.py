@@ -173,7 +173,7 @@ def stage_teacher_sft(run: Run) -> dict:
 
 
 def scoring_teacher(run: Run) -> str:
-    """The teacher that scores: the adapted one when teacher_sft is enabled."""
+    """Return the teacher that scores: the adapted one when teacher_sft is enabled."""
     return str(run.path("teacher-sft")) if run.config.teacher_sft.enabled else run.config.teacher
 
 

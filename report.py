@@ -62,7 +62,7 @@ def _top1_cell(parity: dict) -> str:
 
 
 def _teacher_adaptation(evaluations: dict) -> list[str]:
-    """One sentence comparing the teacher before and after it was adapted to the task."""
+    """Return one sentence comparing the teacher before and after it was adapted to the task."""
     before, after = evaluations.get("teacher"), evaluations.get("teacher-adapted")
     if not (isinstance(before, dict) and isinstance(after, dict)):
         return []

@@ -9,7 +9,7 @@ the contrib operators that onnxruntime's CPU provider runs as single kernels:
     q, k, v projections    one MatMul over the concatenated weights [hidden, (heads + 2 * kv_heads) * head_dim]
     attention              GroupQueryAttention (com.microsoft) on the packed QKV, rotary embedding inside
     gate and up            one MatMul, then Split; SiLU written as x * Sigmoid(x)
-    LM head                its own initializer, also for tied embeddings, so the quantizer sees a MatMul
+    LM head                its own initializer, also for tied embeddings, so the quantizer finds a MatMul
 
 Graph interface, recorded in the manifest as kv_cache "gqa":
 
@@ -26,7 +26,7 @@ GroupQueryAttention reads seqlens_k = ReduceSum(attention_mask) - 1 (int32, the 
 each row's last token) and total_sequence_length = max over rows of ReduceSum(mask). The
 new keys and values go to slots seqlens_k - seq + 1 .. seqlens_k, and the rotary position
 of a token is its slot. When the runtime binds each present output to the OrtValue of its
-past input, onnxruntime's CPU kernel sees the same pointer and writes only the new slots
+past input, onnxruntime's CPU kernel gets the same pointer and writes only the new slots
 (checked with onnxruntime 1.32 in tests/test_fused_graph.py). Rows must therefore be
 right-aligned with no left padding, so the runtime runs a batch one row at a time.
 """

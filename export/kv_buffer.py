@@ -5,7 +5,7 @@ decode step allocates and copies the whole cache. The graph written here takes t
 buffer of fixed capacity and writes the new keys and values at `cache_position`:
 
   inputs   input_ids [batch, seq], position_ids [batch, seq],
-           attention_mask [batch, capacity] (1 = slot holds a token of this row, new ones included),
+           attention_mask [batch, capacity] (1 = slot contains a token of this row, new ones included),
            cache_position [seq] (buffer slot of each new token, the same for every row),
            logits_to_keep [1] (number of last positions whose logits are computed),
            past_key_values.{i}.key / .value [batch, num_kv_heads, capacity, head_dim]
@@ -15,7 +15,7 @@ Two output layouts, recorded in the manifest as `kv_cache`:
 
 - "buffer": present.* is the updated buffer [batch, num_kv_heads, capacity, head_dim]. The
   runtime binds each present output to the OrtValue of its past input, so onnxruntime's
-  scatter kernel sees the same pointer for input and output and writes only the new slots.
+  scatter kernel gets the same pointer for input and output and writes only the new slots.
 - "buffer-new": present.* is only the new keys and values [batch, num_kv_heads, seq, head_dim].
   Attention scores over the old slots and over the new tokens are computed apart and joined
   before the softmax, and the runtime copies the new keys and values into its buffer.

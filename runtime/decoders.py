@@ -131,9 +131,9 @@ class DynamicDecoder:
 class BufferKVCache:
     """Decoding state of the fixed-capacity graph.
 
-    `past` holds one zero-initialised buffer per layer and kind, [batch, kv_heads, capacity,
+    `past` contains one zero-initialised buffer per layer and kind, [batch, kv_heads, capacity,
     head_dim]. Slots below `length` are filled. `values` wraps the same memory as OrtValues
-    (on the CPU) or holds device copies (on other providers).
+    (on the CPU) or contains device copies (on other providers).
     """
 
     past: dict[str, np.ndarray]
@@ -157,9 +157,9 @@ class BufferDecoder:
 
     With "buffer", each present output is bound to the OrtValue of its past input. The
     graph's ScatterElements then gets the same pointer as input and output, and
-    onnxruntime's CPU kernel skips its input-to-output copy (checked in onnxruntime 1.32 by
-    decode time not growing with capacity and by logits parity), so only the new slots are
-    written. With "buffer-new", the graph returns only the new keys and values and this class
+    onnxruntime's CPU kernel skips its input-to-output copy, so only the new slots are
+    written. This was checked in onnxruntime 1.32: decode time does not grow with capacity
+    and the logits match. With "buffer-new", the graph returns only the new keys and values and this class
     copies them into the buffer.
     """
 
@@ -306,7 +306,7 @@ class BufferDecoder:
 class GQAKVCache:
     """Decoding state of one row of the fused GroupQueryAttention graph.
 
-    `past` holds one zero-initialised buffer per layer and kind, [1, kv_heads, capacity,
+    `past` contains one zero-initialised buffer per layer and kind, [1, kv_heads, capacity,
     head_dim], and `values` wraps the same memory as OrtValues. The decode binding, the
     step input and the logits output are built once, so a decode step allocates nothing.
     """
@@ -337,7 +337,7 @@ class GQADecoder:
     """Steps of the fused GroupQueryAttention graph (`kv_cache` "gqa", export/fused_graph.py).
 
     Each present output is bound to the OrtValue of its past input. GroupQueryAttention's CPU
-    kernel then sees the same pointer and appends the new keys and values in place (checked
+    kernel then gets the same pointer and appends the new keys and values in place (checked
     with onnxruntime 1.32 by tests/test_fused_graph.py). The attention mask is `capacity`
     slots long, ones then zeros, and the graph reads each row's length from its sum, so the
     decode binding never changes shape and is built once per cache.

@@ -21,7 +21,7 @@ reader as 1 minus the others. Flag 0: the top-1 is implicit, and entry 0 contain
 with -log p_tail as its value. Flag 1: p_tail is implicit and every entry stores its own value.
 Rebuilding the largest class keeps the cancellation error small relative to it. Rebuilding a
 small tail instead, as p_tail = 1 - sum(p_i), would be wrong by tens of percent when the top-k
-holds 99.99% of the mass, because each p_i carries fp16 rounding.
+contains 99.99% of the mass, because each p_i carries fp16 rounding.
 
 Rows are identified by a key ("{id}/{sample}" from the rollout stage). A row's tokens sit
 contiguously in one shard. Token i of a row is the teacher's distribution for
