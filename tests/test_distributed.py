@@ -17,25 +17,36 @@ from edgelm.train.models import load_tokenizer
 
 from test_score_distill import make_rows
 
-# Runs score_rows then distill; process 0 writes both results as JSON to the last argument.
+# Runs rollout, score_rows and distill; process 0 writes the results as JSON to the last argument.
+# Process 1 starts each step late, as a slow process would: process 0 must not write rows before
+# process 1 has read what is stored, or the two split different lists and some rows are lost.
 SCRIPT = textwrap.dedent(
     """
-    import json, sys
+    import json, sys, time
     from edgelm.files import read_jsonl
     from edgelm.train.distill import distill
     from edgelm.train.distributed import process_info
     from edgelm.train.models import load_model
+    from edgelm.train.rollout import rollout
     from edgelm.train.score import score_rows
 
     teacher_dir, student_dir, rows_path, store, out, result = sys.argv[1:]
     process = process_info()
+    records = [{"id": f"r{i}", "prompt": f"What is {i} plus {i}?", "answer": str(2 * i), "reasoning": ""}
+               for i in range(6)]
+    if process.rank == 1:
+        time.sleep(2)
+    rolled = rollout(student_dir, records, out + "-rollouts.jsonl", mode="fast", max_new_tokens=3,
+                     temperature=0.0, batch_size=1, chunk_rows=1)
     teacher, tokenizer = load_model(teacher_dir)
+    if process.rank == 1:
+        time.sleep(2)
     stats = score_rows(teacher, read_jsonl(rows_path), store, top_k=8, batch_size=2, teacher_id="t",
                        rows_per_shard=2, tokenizer=tokenizer)
     metrics = distill(student_dir, rows_path, store, out, batch_size=2, epochs=1, learning_rate=1e-3)
     if process.is_main:
         with open(result, "w") as f:
-            json.dump({"score": stats, "distill": metrics}, f)
+            json.dump({"rollout": rolled, "score": stats, "distill": metrics}, f)
     """
 )
 
@@ -63,6 +74,9 @@ def test_two_processes_match_one(tiny_model_dir, tiny_model_factory, tmp_path):
     single = launch(tmp_path, 1, teacher_dir, tiny_model_dir, rows_path, "one")
     double = launch(tmp_path, 2, teacher_dir, tiny_model_dir, rows_path, "two")
 
+    assert double["rollout"]["processes"] == 2
+    assert double["rollout"]["rows"] == single["rollout"]["rows"] == 6
+    assert double["rollout"]["generated_rows"] == 6
     assert double["score"]["processes"] == 2
     assert double["score"]["tokens"] == single["score"]["tokens"]
     one_store, two_store = LogitStore(tmp_path / "one-store"), LogitStore(tmp_path / "two-store")

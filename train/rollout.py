@@ -186,6 +186,8 @@ def rollout(
     origin = {"checkpoint": checkpoint, "mode": mode, "sampling": sampling}
     wanted = {(record["id"], sample) for record in records for sample in range(samples_per_prompt)}
     done = _existing_rows(out_path, origin, wanted)
+    # Every process must split the same job list, so none may write a chunk before all have read.
+    barrier()
 
     tokenizer = load_tokenizer(model_source)
     jobs = [(record, sample) for record in records for sample in range(samples_per_prompt) if (record["id"], sample) not in done]

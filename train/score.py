@@ -155,6 +155,10 @@ def score_rows(
             tokenizer=fingerprint, rank=process.rank, world_size=process.world_size,
         )
         pending, skipped = _rows_to_score(rows, writer)
+        # Every process must split the same pending list, so none may write before all have read
+        # the store: a row stored early by process 0 would otherwise vanish from process 1's list
+        # and shift its share.
+        barrier()
         unsorted_lengths = [len(input_ids) for _, input_ids, _ in pending]
         pending.sort(key=lambda item: len(item[1]), reverse=True)
         mine = shard_for_rank(pending, process)
