@@ -148,6 +148,45 @@ def format_ratios(report: dict, ours: str = "edgelm-int4-gqa") -> str:
     return "\n".join(lines)
 
 
+def combine_rounds(reports: list[dict]) -> dict:
+    """Merge reports of repeated rounds: per target and length, the median decode tokens/s and
+    the highest peak RSS over rounds; the other fields come from the first round.
+
+    The ratio of two targets is taken per round (they ran minutes apart at most), and
+    `round_ratios` keeps each round's value so the spread is visible.
+    """
+    import statistics
+
+    def key(result: dict) -> tuple:
+        return result["name"], result.get("prompt_tokens"), result.get("new_tokens")
+
+    merged = []
+    for first in reports[0]["results"]:
+        same = [r for report in reports for r in report["results"] if key(r) == key(first) and "error" not in r]
+        result = dict(first)
+        if same:
+            result["decode_tokens_per_s_rounds"] = [r["decode_tokens_per_s"] for r in same]
+            result["decode_tokens_per_s"] = statistics.median(result["decode_tokens_per_s_rounds"])
+            result["peak_rss_mb"] = max(r["peak_rss_mb"] for r in same)
+        merged.append(result)
+    return {**reports[0], "results": merged, "rounds": len(reports)}
+
+
+def round_ratios(reports: list[dict], ours: str = "edgelm-int4-gqa") -> list[str]:
+    """Return a line per baseline with the decode tokens/s ratio ours / baseline in each round."""
+    lines = []
+    names = [r["name"] for r in reports[0]["results"] if r["name"] != ours]
+    for name in dict.fromkeys(names):
+        ratios = []
+        for report in reports:
+            rates = {r["name"]: r.get("decode_tokens_per_s") for r in report["results"] if "error" not in r}
+            if rates.get(ours) and rates.get(name):
+                ratios.append(rates[ours] / rates[name])
+        if ratios:
+            lines.append(f"{ours} / {name} per round: " + ", ".join(f"{ratio:.2f}" for ratio in ratios))
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", default=DEFAULT_GGUF, help=f"GGUF model spec (default: {DEFAULT_GGUF})")
@@ -157,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, nargs="+", default=[128], help="prompt lengths (default: 128)")
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[128], help="generation lengths (default: 128)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs per target and length (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="times to run the whole target list, in reversed order every other round; the table "
+                             "shows medians (default: 3)")
     parser.add_argument("--no-pytorch", action="store_true", help="leave out the PyTorch eager fp32 target")
     parser.add_argument("--out", default=None, help="result JSON file to write (default: none)")
     parser.add_argument("--plot", default=None, metavar="PREFIX", help="write PNG plots with this prefix (needs matplotlib)")
@@ -171,8 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     from edgelm.files import write_json
 
     targets = build_targets(args.gguf, cache, built, not args.no_pytorch)
-    report = run_benchmark(targets, runs=args.runs, warmup=1, threads=args.threads,
-                           prompt_lengths=args.prompt_tokens, new_lengths=args.new_tokens)
+    # On a shared or thermally limited machine the speed drifts over minutes, so the targets run
+    # in several rounds, alternating their order, and each ratio is read within one round.
+    reports = []
+    for index in range(args.rounds):
+        ordered = targets if index % 2 == 0 else targets[::-1]
+        log.info("round %d of %d", index + 1, args.rounds)
+        reports.append(run_benchmark(ordered, runs=args.runs, warmup=1, threads=args.threads,
+                                     prompt_lengths=args.prompt_tokens, new_lengths=args.new_tokens))
+    report = combine_rounds(reports)
     if args.out:
         write_json(args.out, report)
     if args.plot:
@@ -184,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report))
     print()
     print(format_ratios(report))
+    print("\n".join(round_ratios(reports)))
     print()
     print(json.dumps(report, separators=(",", ":")))
     return 1 if any("error" in r for r in report["results"]) else 0

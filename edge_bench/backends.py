@@ -58,6 +58,7 @@ class OnnxBackend:
         return self.generator.tokenizer.encode(text, add_special_tokens=False).ids
 
     def prefill(self, ids: list[int], capacity: int) -> np.ndarray:
+        self._cache = None  # free the last run's KV cache first, as an app would
         logits, self._cache = self.generator.prefill([ids], capacity=capacity)
         return logits[0]
 
@@ -97,6 +98,7 @@ class PyTorchBackend:
 
     def prefill(self, ids: list[int], capacity: int) -> np.ndarray:
         torch = self._torch
+        self._cache = None  # free the last run's KV cache first, as an app would
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
         self._cache = getattr(out, self._cache_keyword)
@@ -149,6 +151,7 @@ class GenaiBackend:
 
     def prefill(self, ids: list[int], capacity: int) -> np.ndarray:
         og = self._og
+        self._generator = None  # free the last run's KV cache first, as an app would
         params = og.GeneratorParams(self.model)
         params.set_search_options(max_length=capacity + 1, min_length=capacity + 1, do_sample=False)
         self._generator = og.Generator(self.model, params)

@@ -100,6 +100,22 @@ def test_decode_grows_full_cache(fused_llama):
     assert cache.capacity >= 12
 
 
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_chunked_prefill_matches_pytorch(fused_llama, chunk):
+    from edgelm.runtime import Generator
+
+    model_dir, out, _ = fused_llama
+    generator = Generator.from_pretrained(out, threads=1)
+    generator.decoder.prefill_chunk = chunk
+    tokens = list(range(500, 511))
+    reference = _teacher_forced_logits(model_dir, tokens)
+    logits, cache = generator.prefill([tokens[:8]], capacity=16)
+    assert np.abs(logits[0] - reference[7]).max() <= 1e-4
+    for step, token in enumerate(tokens[8:]):
+        logits = generator.decode_step(cache, np.array([token]))
+        assert np.abs(logits[0] - reference[8 + step]).max() <= 1e-4
+
+
 def test_batch_runs_rows_separately(fused_llama):
     from edgelm.runtime import Generator
 
