@@ -240,6 +240,8 @@ class DistillConfig:
     """Gradient accumulation steps; the loss is normalised by the target tokens of the whole step."""
     precision: str = "fp32"
     """Training precision: 'fp32', 'bf16' or 'fp16' (fp16 needs a CUDA or NPU device)."""
+    group_by_length: bool = True
+    """Batch sequences of similar length to cut padding (ignored when targets is 'mixed')."""
 
     def validate(self, key: str) -> None:
         _require(self.targets in DISTILL_TARGETS, f"{key}.targets", f"must be one of {DISTILL_TARGETS}, got {self.targets!r}")

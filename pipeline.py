@@ -204,7 +204,8 @@ def stage_distill(run: Run) -> dict:
         alpha=config.alpha, loss=config.loss, beta=config.beta, temperature=config.temperature,
         targets=config.targets, label_fraction=config.label_fraction, learning_rate=config.learning_rate,
         epochs=config.epochs, batch_size=config.batch_size, grad_accum=config.grad_accum,
-        max_length=run.config.sft.max_length, precision=config.precision, seed=run.config.seed,
+        max_length=run.config.sft.max_length, precision=config.precision, group_by_length=config.group_by_length,
+        seed=run.config.seed,
     )
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.utils import is_torch_npu_available
+from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from edgelm.files import read_jsonl
 from edgelm.train.distributed import gather_objects
@@ -426,6 +427,7 @@ def distill(
     grad_accum: int = 1,
     max_length: int = 512,
     precision: str = "fp32",
+    group_by_length: bool = True,
     seed: int = 0,
     logging_steps: int = 10,
     max_steps: int = -1,
@@ -433,7 +435,9 @@ def distill(
     """Train the student on the rows in `rows_path` against the teacher targets in `store_dir`.
 
     `targets` picks the rows: "on_policy" (the student's rollouts), "label" (reference answers)
-    or "mixed" (both, with a share `label_fraction` of label rows in every batch). Sequences
+    or "mixed" (both, with a share `label_fraction` of label rows in every batch).
+    `group_by_length` batches sequences of similar length (transformers' LengthGroupedSampler:
+    shuffled, then sorted inside groups of batches), which cuts padding; "mixed" ignores it. Sequences
     longer than max_length are cut to max_length tokens, and their targets with them. The
     trained model and tokenizer are saved to out_dir by process 0, replacing it atomically.
 
@@ -463,6 +467,9 @@ def distill(
     sampler = None
     if targets == "mixed":
         sampler = MixedBatchSampler([example.source for example in examples], batch_size, label_fraction, seed)
+    elif group_by_length:
+        sampler = LengthGroupedSampler(batch_size, lengths=[min(len(e.input_ids), max_length) for e in examples],
+                                       generator=torch.Generator().manual_seed(seed))
     with tempfile.TemporaryDirectory(prefix="edgelm-distill-") as trainer_dir:
         args = TrainingArguments(
             output_dir=trainer_dir,

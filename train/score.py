@@ -213,10 +213,13 @@ def _score_into(
             lengths = [len(input_ids) for _, input_ids, _ in batch]
             counts["slots"] += max(lengths) * len(batch)
             counts["padded"] += max(lengths) * len(batch) - sum(lengths)
-            logits = _forward(teacher, [input_ids for _, input_ids, _ in batch], process.device)
+            # Logits at position t predict token t + 1, so a response starts one position early.
+            # No row needs logits before the batch's earliest response, so the LM head skips them.
+            first = min(response_start for *_, response_start in batch) - 1
+            logits = _forward(teacher, [input_ids for _, input_ids, _ in batch], process.device, first)
             for row_index, (key, input_ids, response_start) in enumerate(batch):
-                # Logits at position t predict token t + 1, so the response starts one position early.
-                response_logits = logits[row_index, response_start - 1 : len(input_ids) - 1, :vocab_size].float()
+                response_logits = logits[row_index, response_start - 1 - first : len(input_ids) - 1 - first, :vocab_size]
+                response_logits = response_logits.float()
                 logsumexp = torch.logsumexp(response_logits, dim=-1)
                 values, ids = response_logits.topk(top_k, dim=-1)
                 logprobs = values - logsumexp.unsqueeze(-1)
@@ -252,13 +255,17 @@ def _rows_to_score(rows: list[dict], writer: LogitStoreWriter) -> tuple[list[tup
 
 
 @torch.inference_mode()
-def _forward(model: PreTrainedModel, sequences: list[list[int]], device: torch.device) -> torch.Tensor:
-    """Return the logits [B, T, V] of right-padded sequences (the pad id is irrelevant under the mask)."""
+def _forward(model: PreTrainedModel, sequences: list[list[int]], device: torch.device, first: int = 0) -> torch.Tensor:
+    """Return the logits [B, T - first, V] of right-padded sequences from position `first` on.
+
+    The pad id is irrelevant under the mask.
+    """
     length = max(len(sequence) for sequence in sequences)
     input_ids = torch.zeros((len(sequences), length), dtype=torch.long)
     attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for index, sequence in enumerate(sequences):
         input_ids[index, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
         attention_mask[index, : len(sequence)] = 1
-    output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)
+    output = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False,
+                   logits_to_keep=length - first)
     return output.logits
