@@ -149,11 +149,11 @@ def format_ratios(report: dict, ours: str = "edgelm-int4-gqa") -> str:
 
 
 def combine_rounds(reports: list[dict]) -> dict:
-    """Merge reports of repeated rounds: per target and length, the median decode tokens/s and
-    the highest peak RSS over rounds; the other fields come from the first round.
+    """Merge the reports of repeated rounds into one report.
 
-    The ratio of two targets is taken per round (they ran minutes apart at most), and
-    `round_ratios` keeps each round's value so the spread is visible.
+    Per target and length, decode tokens/s is the median over rounds and peak RSS the
+    highest. The other fields come from the first round. Ratios between targets are better
+    read per round, with round_ratios().
     """
     import statistics
 

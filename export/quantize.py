@@ -141,9 +141,8 @@ def _load_fp32(onnx_dir: Path) -> onnx.ModelProto:
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    # Weights always go to EXTERNAL_DATA_FILE, whatever the size. onnxruntime then reads them
-    # straight into tensors; a single-file model is parsed as one protobuf first, and that copy
-    # raised peak memory by 33 MB for the 99 MB int4 SmolLM2 (229 -> 196 MB, onnxruntime 1.32).
+    # Weights always go to EXTERNAL_DATA_FILE: onnxruntime 1.32 parses a single-file model as one
+    # protobuf first, which raised peak memory from 196 to 229 MB for the 99 MB int4 SmolLM2.
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                     location=EXTERNAL_DATA_FILE, size_threshold=1024)
 
