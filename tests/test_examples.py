@@ -20,9 +20,14 @@ def chat_export_dir(tiny_model_factory, tmp_path_factory) -> Path:
     return out
 
 
-def run_chat(export_dir: Path, stdin: str, *options: str) -> subprocess.CompletedProcess:
+# `make test` sets this to the Python of a second environment with edgelm's base install only
+# (onnxruntime, tokenizers, numpy; no torch, no transformers).
+RUNTIME_PYTHON = os.environ.get("EDGELM_RUNTIME_PYTHON")
+
+
+def run_chat(export_dir: Path, stdin: str, *options: str, python: str = sys.executable) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT.parent), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, str(REPO_ROOT / "examples" / "chat.py"), str(export_dir), "--threads", "1", *options]
+    command = [python, str(REPO_ROOT / "examples" / "chat.py"), str(export_dir), "--threads", "1", *options]
     return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120, env=env)
 
 
@@ -65,3 +70,14 @@ def test_chat_runs_without_torch(chat_export_dir, tmp_path):
     result = subprocess.run(command, input="Hi\n", capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
     assert "assistant> " in result.stdout
+
+
+@pytest.mark.skipif(RUNTIME_PYTHON is None, reason="EDGELM_RUNTIME_PYTHON is not set; `make test` sets it")
+def test_chat_runs_in_runtime_only_environment(chat_export_dir):
+    probe = "import importlib.util as u; print([m for m in ('torch', 'transformers') if u.find_spec(m)])"
+    installed = subprocess.run([RUNTIME_PYTHON, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert installed.stdout.strip() == "[]", installed.stdout + installed.stderr
+
+    result = run_chat(chat_export_dir, "Hi\n", "--max-new-tokens", "4", python=RUNTIME_PYTHON)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("assistant> ") == 1
