@@ -60,6 +60,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         _set_default_permissions(tmp_path, is_dir=True)
+        # onnx writes external data files as 0600, like mkstemp; give those the usual permissions.
+        for item in tmp_path.rglob("*"):
+            if item.is_file() and not item.is_symlink() and item.stat().st_mode & 0o777 == 0o600:
+                _set_default_permissions(item, is_dir=False)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

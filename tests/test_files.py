@@ -23,10 +23,14 @@ def test_atomic_outputs_get_umask_permissions(tmp_path):
         write_json(tmp_path / "a.json", {})
         with atomic_dir(tmp_path / "folder") as tmp:
             (tmp / "x").write_text("x")
+            # As onnx writes an external data file.
+            (tmp / "model.onnx.data").write_bytes(b"\0")
+            os.chmod(tmp / "model.onnx.data", 0o600)
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "folder" / "model.onnx.data").stat().st_mode) == 0o644
 
 
 def test_atomic_dir_removes_leftovers_of_killed_writer(tmp_path):
