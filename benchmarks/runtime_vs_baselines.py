@@ -162,7 +162,8 @@ def combine_rounds(reports: list[dict]) -> dict:
 
     merged = []
     for first in reports[0]["results"]:
-        same = [r for report in reports for r in report["results"] if key(r) == key(first) and "error" not in r]
+        same = [r for report in reports for r in report["results"]
+                if key(r) == key(first) and "decode_tokens_per_s" in r]
         result = dict(first)
         if same:
             result["decode_tokens_per_s_rounds"] = [r["decode_tokens_per_s"] for r in same]
@@ -179,7 +180,7 @@ def round_ratios(reports: list[dict], ours: str = "edgelm-int4-gqa") -> list[str
     for name in dict.fromkeys(names):
         ratios = []
         for report in reports:
-            rates = {r["name"]: r.get("decode_tokens_per_s") for r in report["results"] if "error" not in r}
+            rates = {r["name"]: r.get("decode_tokens_per_s") for r in report["results"]}
             if rates.get(ours) and rates.get(name):
                 ratios.append(rates[ours] / rates[name])
         if ratios:
