@@ -69,6 +69,8 @@ class DynamicDecoder:
     """
 
     kind = DYNAMIC
+    # Graph inputs this decoder binds besides the cache. A graph with any other input is rejected at load.
+    step_inputs = frozenset({"input_ids", "attention_mask", "position_ids"})
 
     def __init__(self, session: ort.InferenceSession, manifest: ExportManifest, device: str = "cpu"):
         self.session = session
@@ -162,6 +164,8 @@ class BufferDecoder:
     and the logits match. With "buffer-new", the graph returns only the new keys and values and this class
     copies them into the buffer.
     """
+
+    step_inputs = frozenset({"input_ids", "position_ids", "attention_mask", "cache_position", "logits_to_keep"})
 
     def __init__(self, session: ort.InferenceSession, manifest: ExportManifest, device: str = "cpu"):
         kind = manifest.kv_cache
@@ -350,9 +354,13 @@ class GQADecoder:
     The activations then stay the size of one chunk whatever the prompt length: on the
     30-layer SmolLM2 int4, a 128-token prompt in chunks of 64 peaked about 5 MB lower at the
     same time to first token within 3% (onnxruntime 1.32, 2 cores).
+
+    NOTE: with int4 MatMulNBits at accuracy level 4 the logits depend on the chunk size
+    (up to 0.7 apart on SmolLM2 int4), because the kernel path depends on the row count.
     """
 
     kind = GQA
+    step_inputs = frozenset({"input_ids", "attention_mask", "logits_to_keep"})
     prefill_chunk: int | None = 64
 
     def __init__(self, session: ort.InferenceSession, manifest: ExportManifest, device: str = "cpu"):
@@ -404,7 +412,7 @@ class GQADecoder:
     def _prefill_row(self, ids: np.ndarray, capacity: int) -> tuple[np.ndarray, GQAKVCache]:
         ids = ids.reshape(1, -1)
         cache = self.new_cache(max(capacity, ids.shape[1]))
-        chunk = self.prefill_chunk or ids.shape[1]
+        chunk = ids.shape[1] if self.prefill_chunk is None else self.prefill_chunk
         if chunk < 1:
             raise ValueError(f"prefill_chunk={self.prefill_chunk} must be at least 1, or None for the whole prompt")
         for start in range(0, ids.shape[1], chunk):

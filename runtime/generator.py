@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from edgelm.runtime.detokenize import TextStream
 from edgelm.runtime.manifest import ExportManifest, read_manifest
 from edgelm.runtime.sampling import SamplingSettings, apply_repetition_penalty, next_tokens
 from edgelm.runtime.session import open_session, session_device
+
+# Keywords of from_pretrained that go on to open_session.
+SESSION_OPTIONS = ("allow_spinning", "memory_arena", "optimization_level", "profile_prefix")
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +91,14 @@ class Generator:
             if intra_op_threads is not None:
                 raise TypeError("pass either intra_op_threads or threads, not both")
             intra_op_threads = threads
+        unknown = sorted(set(session_options) - set(SESSION_OPTIONS))
+        if unknown:
+            raise TypeError(f"from_pretrained() got unknown keyword arguments {unknown}; the session options "
+                            f"are {list(SESSION_OPTIONS)}, and threads or intra_op_threads sets the thread count")
         export_dir = Path(export_dir)
+        if not export_dir.is_dir():
+            raise FileNotFoundError(f"export folder {export_dir} not found or not a folder; pass the folder that "
+                                    f"`edgelm export` wrote (it contains edgelm_export.json and model.onnx)")
         check_static_export(export_dir, providers)
         manifest = read_manifest(export_dir)
         model_path = export_dir / manifest.model_file
@@ -125,6 +136,13 @@ class Generator:
                 f"for kv_cache={self.manifest.kv_cache!r} and num_layers={self.manifest.num_layers} in the "
                 f"manifest. Re-export the model."
             )
+        unfed = sorted(inputs - self.decoder.step_inputs - set(self.decoder.past_names))
+        if unfed:
+            raise ValueError(
+                f"the ONNX graph has inputs {unfed} that kv_cache={self.manifest.kv_cache!r} in the manifest "
+                f"does not feed, so edgelm_export.json does not match the graph. Re-export the model, or set "
+                f"kv_cache to the kind the graph was exported as ('dynamic', 'buffer', 'buffer-new' or 'gqa')."
+            )
 
     # ----- prompts -----------------------------------------------------------------------------
 
@@ -135,6 +153,10 @@ class Generator:
                 "this export has no chat template (no chat_template.jinja and no chat_template in "
                 "tokenizer_config.json); pass the prompt as a plain string or export an instruct model"
             )
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or "role" not in message or not ("content" in message or "tool_calls" in message):
+                raise ValueError(f"message {index} is {message!r}; each message must be a dict with 'role' and "
+                                 f"'content' (or 'tool_calls')")
         return render_chat_template(self.chat_template, messages, add_generation_prompt, self.special_tokens)
 
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -146,6 +168,9 @@ class Generator:
         if isinstance(prompt, str) and self.chat_template is None:
             return self.tokenizer.encode(prompt, add_special_tokens=True).ids
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if len(messages) == 0:
+            raise ValueError("prompt is an empty list of messages; pass a string or at least one "
+                             "{'role': ..., 'content': ...} message")
         text = self.apply_chat_template(messages, add_generation_prompt=True)
         # The template already writes the special tokens, as with transformers' tokenize=True.
         return self.tokenizer.encode(text, add_special_tokens=False).ids
@@ -163,12 +188,10 @@ class Generator:
         (prompt plus the tokens still to generate). None allocates the prompt plus
         DEFAULT_EXTRA_SLOTS, and the cache grows if decoding passes it. A dynamic export ignores it.
         """
-        if not prompt_ids or any(len(ids) == 0 for ids in prompt_ids):
+        prompt_ids = _as_batch(prompt_ids)
+        if any(len(ids) == 0 for ids in prompt_ids):
             raise ValueError("every prompt needs at least one token; got an empty prompt")
-        length = max(len(ids) for ids in prompt_ids)
-        if self.context_length is not None and length > self.context_length:
-            raise ValueError(f"prompt has {length} tokens, more than the model's context length "
-                             f"{self.context_length} (config.json max_position_embeddings); shorten the prompt")
+        length = self._check_prompt_ids(prompt_ids)
         input_ids, attention_mask, position_ids = left_pad(prompt_ids, self.pad_token_id)
         if capacity is None:
             capacity = length + DEFAULT_EXTRA_SLOTS
@@ -180,6 +203,10 @@ class Generator:
 
         On a fixed-capacity or "gqa" export the returned array is reused by the next step; copy it to keep it.
         """
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.manifest.vocab_size):
+            raise ValueError(f"token ids {tokens.tolist()} must be in [0, {self.manifest.vocab_size}), "
+                             f"the export's vocab_size")
         return self.decoder.decode(cache, tokens)
 
     def score(self, input_ids: Sequence[int]) -> np.ndarray:
@@ -187,7 +214,22 @@ class Generator:
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
         if ids.shape[1] == 0:
             raise ValueError("score() needs at least one token; got an empty sequence")
+        self._check_prompt_ids([ids[0].tolist()])
         return self.decoder.score(ids)
+
+    def _check_prompt_ids(self, prompt_ids: list[list[int]]) -> int:
+        """Check every id against the vocabulary and the longest prompt against the context; return its length."""
+        vocab_size = self.manifest.vocab_size
+        for row, ids in enumerate(prompt_ids):
+            bad = [i for i in ids if i < 0 or i >= vocab_size]
+            if bad:
+                raise ValueError(f"prompt {row} has token ids {bad[:5]} outside [0, {vocab_size}), the export's "
+                                 f"vocab_size; encode the text with this export's tokenizer.json")
+        length = max(len(ids) for ids in prompt_ids)
+        if self.context_length is not None and length > self.context_length:
+            raise ValueError(f"prompt has {length} tokens, more than the model's context length "
+                             f"{self.context_length} (config.json max_position_embeddings); shorten the prompt")
+        return length
 
     # ----- token generation ---------------------------------------------------------------------
 
@@ -205,11 +247,15 @@ class Generator:
         caller may set `active[row] = False` to end that row (for example on a stop string).
         A row also ends after it yields an eos token, unless `ignore_eos`.
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        if not isinstance(max_new_tokens, numbers.Integral) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 0")
+        max_new_tokens = int(max_new_tokens)
+        if seed is not None and (not isinstance(seed, numbers.Integral) or seed < 0):
+            raise ValueError(f"seed={seed!r} must be a non-negative integer, or None for a random seed")
         if max_new_tokens == 0:
             return
-        longest = max((len(ids) for ids in prompt_ids), default=0)
+        # Checked before the context warning below, which assumes the prompt fits.
+        longest = self._check_prompt_ids(prompt_ids)
         if self.context_length is not None and longest + max_new_tokens > self.context_length:
             allowed = max(self.context_length - longest, 1)
             log.warning("max_new_tokens=%d would pass the context length %d after a %d-token prompt; "

@@ -116,6 +116,16 @@ def test_chunked_prefill_matches_pytorch(fused_llama, chunk):
         assert np.abs(logits[0] - reference[8 + step]).max() <= 1e-4
 
 
+def test_zero_prefill_chunk_rejected(fused_llama):
+    from edgelm.runtime import Generator
+
+    _, out, _ = fused_llama
+    generator = Generator.from_pretrained(out, threads=1)
+    generator.decoder.prefill_chunk = 0
+    with pytest.raises(ValueError, match="prefill_chunk=0 must be at least 1"):
+        generator.prefill([[500, 501, 502]])
+
+
 def test_batch_runs_rows_separately(fused_llama):
     from edgelm.runtime import Generator
 

@@ -382,6 +382,42 @@ def test_empty_prompt_rejected(generator):
         generator.generate_ids([[1, 2], []], max_new_tokens=2)
 
 
+def test_token_ids_outside_vocab_rejected(generator):
+    vocab_size = generator.manifest.vocab_size
+    with pytest.raises(ValueError, match=f"outside \\[0, {vocab_size}\\)"):
+        generator.generate_ids([1, vocab_size], max_new_tokens=1)
+    with pytest.raises(ValueError, match=f"outside \\[0, {vocab_size}\\)"):
+        generator.score([1, -1])
+    logits, cache = generator.prefill([1, 2, 3])
+    with pytest.raises(ValueError, match="must be in \\[0"):
+        generator.decode_step(cache, np.array([vocab_size]))
+
+
+def test_prefill_and_decode_accept_flat_ids(generator):
+    logits, cache = generator.prefill([1, 2, 3])
+    assert logits.shape == (1, generator.manifest.vocab_size)
+    assert generator.decode_step(cache, 5).shape == (1, generator.manifest.vocab_size)
+
+
+def test_numpy_integer_max_new_tokens(generator):
+    assert len(generator.generate_ids([1, 2], max_new_tokens=np.int64(3), ignore_eos=True)[0]) == 3
+
+
+def test_negative_seed_rejected(generator):
+    with pytest.raises(ValueError, match="seed=-1 must be a non-negative integer"):
+        generator.generate("hi", max_new_tokens=2, temperature=1.0, seed=-1)
+
+
+def test_empty_message_list_rejected(generator):
+    with pytest.raises(ValueError, match="empty list of messages"):
+        generator.generate([], max_new_tokens=2)
+
+
+def test_message_without_content_rejected(generator):
+    with pytest.raises(ValueError, match="message 1 is .*'role' and 'content'"):
+        generator.generate([{"role": "user", "content": "hi"}, {"role": "user"}], max_new_tokens=2)
+
+
 # ----- loading -------------------------------------------------------------------------------
 
 
@@ -404,6 +440,16 @@ def test_manifest_wrong_format(tmp_path):
 def test_missing_manifest(tmp_path):
     with pytest.raises(FileNotFoundError, match="export_onnx"):
         Generator.from_pretrained(tmp_path)
+
+
+def test_missing_export_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="export folder .*nope not found"):
+        Generator.from_pretrained(tmp_path / "nope")
+
+
+def test_unknown_keyword_is_type_error(dynamic_export_dir):
+    with pytest.raises(TypeError, match="unknown keyword arguments \\['thread'\\]"):
+        Generator.from_pretrained(dynamic_export_dir, thread=2)
 
 
 def test_provider_aliases():
@@ -454,6 +500,12 @@ def test_context_length_limits_prompt_and_new_tokens(export_dir, caplog):
     out = generator.generate_ids([list(range(1, 31))], max_new_tokens=50, ignore_eos=True)
     assert len(out[0]) == 10
     assert "would pass the context length 40" in caplog.text
+    caplog.clear()
+    with pytest.raises(ValueError, match="more than the model's context length 40"):
+        generator.generate_ids([list(range(1, 42))], max_new_tokens=5)
+    assert "would pass the context length" not in caplog.text
+    with pytest.raises(ValueError, match="more than the model's context length 40"):
+        generator.score(list(range(1, 42)))
 
 
 # ----- fixed-capacity KV cache ---------------------------------------------------------------
@@ -527,6 +579,19 @@ def test_unknown_kv_cache_kind_rejected(dynamic_export_dir, tmp_path):
     (copy / "edgelm_export.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="kv_cache 'paged' is not supported"):
         read_manifest(copy)
+
+
+def test_kv_cache_kind_must_match_graph(export_dirs, tmp_path):
+    import json
+    import shutil
+
+    copy = tmp_path / "export"
+    shutil.copytree(export_dirs("buffer"), copy)
+    manifest = json.loads((copy / "edgelm_export.json").read_text())
+    manifest["kv_cache"] = "dynamic"
+    (copy / "edgelm_export.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="has inputs .*'cache_position'.* that kv_cache='dynamic'"):
+        Generator.from_pretrained(copy)
 
 
 # ----- session options and backends ----------------------------------------------------------
