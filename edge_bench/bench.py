@@ -18,6 +18,7 @@ import onnxruntime as ort
 import psutil
 
 from edgelm.edge_bench.backends import BACKENDS, FILE_BACKENDS, missing_backend
+from edgelm.edge_bench.prompt import read_prompt_text
 from edgelm.files import write_json
 
 log = logging.getLogger(__name__)
@@ -194,9 +195,13 @@ def run_benchmark(
     """
     prompt_lengths = list(prompt_lengths or [prompt_tokens])
     new_lengths = list(new_lengths or [new_tokens])
-    for length in prompt_lengths + new_lengths:
-        _check_settings(targets, length, length, runs, warmup, threads)
-    _check_settings(targets, prompt_tokens, new_tokens, runs, warmup, threads)
+    for prompt_length in prompt_lengths:
+        for new_length in new_lengths:
+            _check_settings(targets, prompt_length, new_length, runs, warmup, threads)
+    if timeout_s is not None and timeout_s <= 0:
+        raise ValueError(f"timeout_s={timeout_s} must be positive, or None for no limit")
+    # A bad prompt file fails here, once, not in every worker after its model has loaded.
+    read_prompt_text(prompt_file)
     settings = {
         "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens,

@@ -61,8 +61,28 @@ def compare_main(argv: list[str] | None = None) -> int:
     parser.add_argument("a", help="first result JSON file (written with --out)")
     parser.add_argument("b", help="second result JSON file")
     args = parser.parse_args(argv)
-    print(format_comparison(load_report(args.a), load_report(args.b), Path(args.a).stem, Path(args.b).stem))
+    try:
+        a, b = load_report(args.a), load_report(args.b)
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
+    a_label, b_label = _labels(Path(args.a), Path(args.b))
+    print(format_comparison(a, b, a_label, b_label))
+    a_keys, b_keys = {_key(r) for r in a["results"]}, {_key(r) for r in b["results"]}
+    for keys, label in ((a_keys - b_keys, a_label), (b_keys - a_keys, b_label)):
+        for name, prompt, new in sorted(keys, key=str):
+            print(f"only in {label}: {name} (prompt {prompt}, new {new})")
+    if not a_keys & b_keys:
+        print("no target, prompt length and generation length is in both files, so nothing is compared")
+        return 1
     return 0
+
+
+def _labels(a: Path, b: Path) -> tuple[str, str]:
+    """Return column labels for two result files: their names, or parent/name when the names are equal."""
+    if a.stem != b.stem:
+        return a.stem, b.stem
+    a_label, b_label = f"{a.parent.name}/{a.stem}", f"{b.parent.name}/{b.stem}"
+    return (a_label, b_label) if a_label != b_label else ("A", "B")
 
 
 def plot_report(report: dict, prefix: str | Path) -> list[Path]:

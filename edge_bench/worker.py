@@ -105,6 +105,10 @@ def benchmark_target(spec: dict) -> dict:
     peak_rss = peak_rss_mb()
     try:
         weight_bytes = backend.weight_bytes_per_token()
+    except ImportError as error:
+        # The onnx package reads initializer sizes; the runtime-only install does not have it.
+        log.warning("no bandwidth floor for %s: %s (pip install onnx to get it)", spec["path"], error)
+        weight_bytes = None
     except (OSError, ValueError) as error:
         log.warning("could not estimate weight bytes per token of %s: %s", spec["path"], error)
         weight_bytes = None

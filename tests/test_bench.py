@@ -115,6 +115,21 @@ def test_invalid_settings(tmp_path, kwargs):
         run_benchmark([{"name": "x", "kind": "onnx", "path": str(tmp_path)}], **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(new_lengths=[4, -3]), "new_tokens=-3"),
+    (dict(prompt_lengths=[8, 0]), "prompt_tokens=0"),
+    (dict(timeout_s=0), "timeout_s=0"),
+])
+def test_invalid_setting_named(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        run_benchmark([{"name": "x", "kind": "onnx", "path": str(tmp_path)}], **kwargs)
+
+
+def test_missing_prompt_file_fails_before_workers(tmp_path):
+    with pytest.raises(FileNotFoundError, match="prompt file .*missing.txt not found"):
+        run_benchmark([{"name": "x", "kind": "onnx", "path": str(tmp_path)}], prompt_file=tmp_path / "missing.txt")
+
+
 def test_duplicate_target_names(tmp_path):
     target = {"name": "x", "kind": "onnx", "path": str(tmp_path)}
     with pytest.raises(ValueError, match="unique"):
@@ -211,6 +226,36 @@ def test_compare_reports(matrix_report, tmp_path, capsys):
     table = capsys.readouterr().out
     assert table.count("| tiny-onnx |") == 2
     assert "| 2.00 |" in table
+
+
+def test_compare_labels_and_unmatched_rows(matrix_report, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    other = json.loads(json.dumps(matrix_report))
+    other["results"] = other["results"][:1]
+    (tmp_path / "a" / "results.json").write_text(json.dumps(matrix_report))
+    (tmp_path / "b" / "results.json").write_text(json.dumps(other))
+    assert main(["compare", str(tmp_path / "a" / "results.json"), str(tmp_path / "b" / "results.json")]) == 0
+    out = capsys.readouterr().out
+    assert "TTFT ms a/results | TTFT ms b/results" in out
+    assert "only in a/results: tiny-onnx (prompt 16, new 4)" in out
+
+
+def test_compare_without_common_rows(matrix_report, tmp_path, capsys):
+    other = json.loads(json.dumps(matrix_report))
+    for result in other["results"]:
+        result["name"] = "renamed"
+    (tmp_path / "a.json").write_text(json.dumps(matrix_report))
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    assert main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 1
+    assert "nothing is compared" in capsys.readouterr().out
+
+
+def test_compare_missing_file_is_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(tmp_path / "a.json"), str(tmp_path / "b.json")])
+    assert exit_info.value.code == 2
+    assert "a.json not found" in capsys.readouterr().err
 
 
 def test_plots_written(matrix_report, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -81,3 +82,14 @@ def test_chat_runs_in_runtime_only_environment(chat_export_dir):
     result = run_chat(chat_export_dir, "Hi\n", "--max-new-tokens", "4", python=RUNTIME_PYTHON)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("assistant> ") == 1
+
+
+@pytest.mark.skipif(RUNTIME_PYTHON is None, reason="EDGELM_RUNTIME_PYTHON is not set; `make test` sets it")
+def test_bench_runs_in_runtime_only_environment(chat_export_dir):
+    # The base install has no onnx package, which only the bandwidth-floor estimate needs.
+    command = [RUNTIME_PYTHON, "-m", "edgelm", "bench", "--target", f"tiny=onnx:{chat_export_dir}",
+               "--prompt-tokens", "8", "--new-tokens", "2", "--runs", "1", "--warmup", "0", "--threads", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["results"][0]["decode_tokens_per_s"] > 0
