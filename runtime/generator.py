@@ -17,7 +17,7 @@ from edgelm.runtime.decoders import BufferKVCache, GQAKVCache, GQARowCaches, KVC
 from edgelm.runtime.detokenize import TextStream
 from edgelm.runtime.manifest import ExportManifest, read_manifest
 from edgelm.runtime.sampling import SamplingSettings, apply_repetition_penalty, next_tokens
-from edgelm.runtime.session import open_session, session_device
+from edgelm.runtime.session import open_session, provider_name, session_device
 
 # Keywords of from_pretrained that go on to open_session.
 SESSION_OPTIONS = ("allow_spinning", "memory_arena", "optimization_level", "profile_prefix")
@@ -420,8 +420,8 @@ def check_static_export(export_dir: Path, providers) -> None:
     """
     from edgelm.runtime.static import ASCEND_FORMAT, is_static_export
 
-    names = [providers] if isinstance(providers, str) else list(providers or [])
-    wants_cann = any(name.lower() in ("cann", "cannexecutionprovider") for name in names)
+    entries = [providers] if isinstance(providers, (str, tuple)) else list(providers or [])
+    wants_cann = any(provider_name(entry).lower() in ("cann", "cannexecutionprovider") for entry in entries)
     if is_static_export(export_dir):
         raise ValueError(
             f"{export_dir} is a static Ascend export ({ASCEND_FORMAT}); load it with "

@@ -40,18 +40,21 @@ PROVIDER_PACKAGES = {
 }
 
 
-def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
+def resolve_providers(providers: Sequence[str | tuple[str, dict]] | str | None) -> list[str | tuple[str, dict]]:
     """Map provider names or aliases to onnxruntime names; raise if one is not available.
 
-    None selects the CPU provider only, so results do not depend on which GPU build is installed.
+    An entry may also be a `(name, options)` pair, as onnxruntime takes it, for example
+    `("cuda", {"device_id": 1})`; the pair keeps its options. None selects the CPU provider
+    only, so results do not depend on which GPU build is installed.
     """
     if providers is None:
         return ["CPUExecutionProvider"]
-    if isinstance(providers, str):
+    if isinstance(providers, (str, tuple)):
         providers = [providers]
     available = ort.get_available_providers()
-    resolved = []
-    for name in providers:
+    resolved, seen = [], set()
+    for entry in providers:
+        name, options = _provider_entry(entry)
         full = PROVIDER_ALIASES.get(name.lower(), name)
         if full not in available:
             package = PROVIDER_PACKAGES.get(full, "the onnxruntime package built with it")
@@ -60,11 +63,25 @@ def resolve_providers(providers: Sequence[str] | str | None) -> list[str]:
                 f"{ort.__version__}; available providers: {available}. Install {package} in place of "
                 f"onnxruntime, or pick one of the available providers."
             )
-        if full not in resolved:
-            resolved.append(full)
+        if full not in seen:
+            seen.add(full)
+            resolved.append(full if options is None else (full, options))
     if not resolved:
         raise ValueError(f"providers is empty; pass None for the CPU provider or names from {available}")
     return resolved
+
+
+def provider_name(entry: str | tuple[str, dict]) -> str:
+    """Return the name of a provider entry, which is a name or a (name, options) pair."""
+    return _provider_entry(entry)[0]
+
+
+def _provider_entry(entry) -> tuple[str, dict | None]:
+    if isinstance(entry, str):
+        return entry, None
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and isinstance(entry[1], dict):
+        return entry[0], entry[1]
+    raise ValueError(f"provider entry {entry!r} is invalid; pass a name such as 'cpu' or a (name, options dict) pair")
 
 
 OPTIMIZATION_LEVELS = {

@@ -362,7 +362,8 @@ def test_top_k_and_top_p_filters():
     assert top_p_small == {0}
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)])
+@pytest.mark.parametrize("kwargs", [dict(temperature=-1.0), dict(temperature=float("inf")), dict(top_k=-1),
+                                    dict(top_p=0.0), dict(top_p=1.5), dict(repetition_penalty=float("nan"))])
 def test_invalid_sampling_settings(generator, kwargs):
     with pytest.raises(ValueError):
         generator.generate("hi", max_new_tokens=2, **kwargs)
@@ -456,6 +457,17 @@ def test_provider_aliases():
     assert resolve_providers(None) == ["CPUExecutionProvider"]
     assert resolve_providers(["cpu"]) == ["CPUExecutionProvider"]
     assert resolve_providers("CPUExecutionProvider") == ["CPUExecutionProvider"]
+    assert resolve_providers([("cpu", {})]) == [("CPUExecutionProvider", {})]
+
+
+def test_invalid_provider_entry():
+    with pytest.raises(ValueError, match="provider entry 3 is invalid"):
+        resolve_providers([3])
+
+
+def test_provider_with_options_loads(dynamic_export_dir):
+    generator = Generator.from_pretrained(dynamic_export_dir, providers=[("cpu", {})], threads=1)
+    assert generator.session.get_providers() == ["CPUExecutionProvider"]
 
 
 def test_missing_provider_lists_available():
