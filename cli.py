@@ -62,6 +62,13 @@ def cmd_data(args) -> int:
     return 0
 
 
+# Fields that identify each kind of JSONL file the commands read, and how to make one.
+RECORD_FIELDS = ("id", "prompt", "reasoning", "answer")
+RECORDS_FIX = "convert raw data first with `edgelm data --input FILE --out records.jsonl`"
+ROLLOUT_FIELDS = ("id", "sample", "prompt_ids", "response_ids")
+ROLLOUTS_FIX = "pass the rows that `edgelm rollout` wrote"
+
+
 def cmd_student(args) -> int:
     from edgelm.train.models import count_parameters, load_model, make_student, save_model
 
@@ -74,10 +81,10 @@ def cmd_student(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from edgelm.files import read_jsonl
+    from edgelm.files import read_jsonl_with
     from edgelm.train.sft import run_sft_stage
 
-    records = read_jsonl(args.data)[: args.records]
+    records = read_jsonl_with(args.data, RECORD_FIELDS, "records", RECORDS_FIX)[: args.records]
     metrics = run_sft_stage(
         args.model, records, args.out, mode=args.mode, fast_ratio=args.fast_ratio, epochs=args.epochs,
         learning_rate=args.lr, batch_size=args.batch_size, grad_accum=args.grad_accum, max_length=args.max_length,
@@ -91,10 +98,10 @@ def cmd_sft(args) -> int:
 
 
 def cmd_rollout(args) -> int:
-    from edgelm.files import read_jsonl
+    from edgelm.files import read_jsonl_with
     from edgelm.train.rollout import rollout
 
-    records = read_jsonl(args.data)[: args.records]
+    records = read_jsonl_with(args.data, ("id", "prompt"), "records", RECORDS_FIX)[: args.records]
     _print_json(rollout(
         args.model, records, args.out, mode=args.mode, samples_per_prompt=args.samples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -104,22 +111,25 @@ def cmd_rollout(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from edgelm.files import read_jsonl
+    from edgelm.files import read_jsonl_with
     from edgelm.train.models import load_model, load_tokenizer
     from edgelm.train.score import check_teacher_and_student, score_rows, teacher_identity
 
+    rows = read_jsonl_with(args.rows, ROLLOUT_FIELDS, "rollout rows", ROLLOUTS_FIX)
     teacher, tokenizer = load_model(args.teacher)
     # The rows hold the student's token ids, so the student's tokenizer must be the teacher's.
     vocab_size = check_teacher_and_student(teacher, tokenizer, load_tokenizer(args.student), args.student)
-    _print_json(score_rows(teacher, read_jsonl(args.rows), args.out, top_k=args.top_k,
+    _print_json(score_rows(teacher, rows, args.out, top_k=args.top_k,
                            batch_size=args.batch_size, teacher_id=teacher_identity(args.teacher, teacher),
                            vocab_size=vocab_size, tokenizer=tokenizer))
     return 0
 
 
 def cmd_distill(args) -> int:
+    from edgelm.files import read_jsonl_with
     from edgelm.train.distill import distill
 
+    read_jsonl_with(args.rows, ROLLOUT_FIELDS, "rollout rows", ROLLOUTS_FIX)
     _print_json(distill(
         args.student, args.rows, args.store, args.out, alpha=args.alpha, loss=args.loss, beta=args.beta,
         temperature=args.temperature, targets=args.targets, label_fraction=args.label_fraction,
@@ -136,6 +146,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _interrupted_message(command: str | None) -> str:
+    """Return what to run after Ctrl-C, which depends on how the command resumes."""
+    if command == "pipeline":
+        return "interrupted; finished pipeline stages are kept, so the same command resumes"
+    if command == "sft":
+        return "interrupted; add --resume to the same command to continue from its last checkpoint"
+    if command in ("rollout", "score"):
+        return "interrupted; rows already written are kept, so the same command skips them"
+    return "interrupted"
+
+
 def cmd_quantize(args) -> int:
     from edgelm.export.quantize import quantize
 
@@ -144,7 +165,15 @@ def cmd_quantize(args) -> int:
         options = {"block_size": args.block_size, "symmetric": not args.asymmetric, "lm_head": args.lm_head}
         if args.accuracy_level is not None:
             options["accuracy_level"] = args.accuracy_level
-    _print_json(quantize(args.onnx, args.out, args.scheme, **options))
+    manifest = quantize(args.onnx, args.out, args.scheme, **options)
+    _print_json(manifest)
+    parity = manifest.get("parity") or {}
+    if parity.get("passed") is False and not args.allow_parity_failure:
+        logging.getLogger("edgelm").error(
+            "the %s variant in %s failed its parity check: %s. The folder is kept (see parity.json); pass "
+            "--allow-parity-failure to accept it with exit status 0, or choose more accurate settings",
+            args.scheme, args.out, "; ".join(parity.get("failures", [])))
+        return 1
     return 0
 
 
@@ -337,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4: MatMulNBits accuracy_level; 0 = onnxruntime's default, 4 = int8 activations, fastest (default: 4)")
     p.add_argument("--lm-head", choices=["int4", "int8", "fp32"], default="int8",
                    help="int4: precision of the output projection (default: int8)")
+    p.add_argument("--allow-parity-failure", action="store_true",
+                   help="exit with status 0 even when the variant breaks a parity threshold (default: exit 1)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("ascend", help="static-shape ONNX graphs and the ATC command for Ascend NPUs")
@@ -398,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        logging.getLogger("edgelm").error("interrupted; finished pipeline stages are kept, so the same command resumes")
+        logging.getLogger("edgelm").error(_interrupted_message(args.command))
         return 130
     except (ValueError, OSError, ImportError, yaml.YAMLError) as error:
         # Invalid input and missing files or packages: one line, the traceback only with -v.

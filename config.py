@@ -395,6 +395,13 @@ class AscendConfig:
                  f"must be null or >= 1, got {self.te_parallel_compiler}")
         _require(self.atc_log in ("debug", "info", "warning", "error", "null"), f"{key}.atc_log",
                  f"must be debug, info, warning, error or null, got {self.atc_log!r}")
+        try:
+            from edgelm.export.atc import SOC_VERSIONS
+        except ImportError:  # the export extra (onnx) is missing; the ascend stage then fails on its own
+            return
+        _require(self.soc_version in SOC_VERSIONS, f"{key}.soc_version",
+                 f"must be one of {', '.join(SOC_VERSIONS)}, got {self.soc_version!r}; run npu-smi info on the "
+                 f"device and use 'Ascend' + the chip name")
 
 
 @dataclass

@@ -94,3 +94,17 @@ def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def read_jsonl_with(path: str | os.PathLike, fields: tuple[str, ...], kind: str, fix: str) -> list[dict]:
+    """Read a JSONL file whose rows must all have `fields`; raise ValueError naming the first row without them.
+
+    `kind` names what the file should contain (for example "records") and `fix` how to make one.
+    """
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, start=1):
+        missing = [name for name in fields if name not in row]
+        if missing:
+            raise ValueError(f"{path}: row {number} has no {missing} field, so the file does not contain {kind} "
+                             f"(its keys: {sorted(row)}); {fix}")
+    return rows

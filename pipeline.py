@@ -15,7 +15,7 @@ Run folder:
     rollouts.jsonl       sequences the teacher scores (student answers, or references in label mode)
     teacher-topk/        stored teacher top-k logits, shards and manifest
     distill/             the distilled student
-    export/onnx, export/int8, export/int4, export/ascend
+    export/onnx, export/int8, export/int4, export/fp16, export/fused-int4, export/ascend
     eval/<model>.json    held-out loss and accuracy per model
     stages/<stage>.json  each stage's metrics; stages/bench.json has latency and memory per backend
     report.md, results.json
@@ -347,7 +347,7 @@ def stage_bench(run: Run) -> dict:
                {"name": "onnx-fp32", "kind": "onnx", "path": str(run.path("export", "onnx"))}]
     targets += [{"name": f"onnx-{scheme}", "kind": "onnx", "path": str(run.path("export", scheme))}
                 for scheme in run.config.export.quantize]
-    if run.path("export", "fused-int4", "edgelm_export.json").is_file():
+    if run.config.export.fused_int4 and run.path("export", "fused-int4", "edgelm_export.json").is_file():
         targets.append({"name": "onnx-fused-int4", "kind": "onnx", "path": str(run.path("export", "fused-int4"))})
     return run_benchmark(targets, prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens,
                          runs=config.runs, threads=config.threads)
@@ -453,6 +453,9 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, stop_aft
             if producer in rerun or start_from == "eval":
                 run.path("eval", f"{target}.json").unlink(missing_ok=True)
 
+    if "score" in names and not run.is_done("score"):
+        _check_tokenizers_early(config)
+
     metrics = {}
     for name, function in stages(config):
         if run.is_done(name):
@@ -461,14 +464,36 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, stop_aft
         else:
             log.info("stage %s: started", name)
             start = time.perf_counter()
-            result = function(run)
+            result = dict(function(run) or {})
             seconds = time.perf_counter() - start
-            metrics[name] = {"seconds": seconds, **(result or {})}
+            # "seconds" is the stage's wall time. A stage that times part of its work keeps that as work_seconds.
+            if "seconds" in result:
+                result["work_seconds"] = result.pop("seconds")
+            metrics[name] = {"seconds": seconds, **result}
             write_json(run.marker(name), metrics[name])
             log.info("stage %s: done in %.1f s", name, seconds)
         if name == stop_after:
             break
     return metrics
+
+
+def _check_tokenizers_early(config: PipelineConfig) -> None:
+    """Compare a separately given student's tokenizer with the teacher's before any stage trains.
+
+    The score stage checks this too, but only after SFT and rollout have run. A student built
+    from the teacher (no student.source) shares its tokenizer, so nothing is loaded then.
+    """
+    if not config.student.source:
+        return
+    from edgelm.train.models import load_tokenizer
+    from edgelm.train.preflight import check_same_tokenizer, tokenizer_fingerprint
+
+    teacher = tokenizer_fingerprint(load_tokenizer(config.teacher))
+    student = tokenizer_fingerprint(load_tokenizer(config.student.source))
+    try:
+        check_same_tokenizer(teacher, student)
+    except ValueError as error:
+        raise ConfigError(f"teacher {config.teacher!r} and student.source {config.student.source!r}: {error}") from error
 
 
 def resolved_config_text(config: PipelineConfig) -> str:

@@ -111,7 +111,7 @@ def render_report(results: dict) -> str:
         lines += ["", "## Held-out loss and exact-match accuracy", "",
                   f"GSM8K test, first {results['config']['eval']['records']} questions; loss is mean cross-entropy per "
                   "answer token (end of turn included); accuracy is greedy answer vs reference, exact number match.", ""]
-        lines += _eval_table({k: v for k, v in stages["eval"].items() if k != "seconds"})
+        lines += _eval_table({k: v for k, v in stages["eval"].items() if k not in ("seconds", "work_seconds")})
         lines += _teacher_adaptation(stages["eval"])
 
     if "export" in stages or "quantize" in stages:

@@ -87,6 +87,44 @@ def test_interrupt_is_one_line(monkeypatch, caplog):
     assert "Traceback" not in caplog.text
 
 
+def test_interrupted_sft_names_resume(monkeypatch, caplog):
+    import edgelm.cli as cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_sft", interrupted)
+    assert main(["sft", "--model", "m", "--data", "d", "--out", "o"]) == 130
+    assert "add --resume to the same command" in caplog.text
+
+
+@pytest.mark.parametrize("extra, status", [([], 1), (["--allow-parity-failure"], 0)])
+def test_quantize_parity_failure_exit_status(monkeypatch, caplog, extra, status):
+    import edgelm.export.quantize as quantize_module
+
+    failed = {"variant": "int4", "parity": {"passed": False, "failures": ["top1_agreement 0.25 < 0.8"]}}
+    monkeypatch.setattr(quantize_module, "quantize", lambda *args, **kwargs: failed)
+    assert main(["quantize", "--onnx", "in", "--out", "out", "--scheme", "int4", *extra]) == status
+    assert ("failed its parity check: top1_agreement 0.25 < 0.8" in caplog.text) == (status == 1)
+
+
+@pytest.mark.parametrize("command, option, fields", [
+    ("sft", "--data", "['id', 'prompt', 'reasoning']"),
+    ("rollout", "--data", "['id', 'prompt']"),
+    ("score", "--rows", "['id', 'sample', 'prompt_ids', 'response_ids']"),
+    ("distill", "--rows", "['id', 'sample', 'prompt_ids', 'response_ids']"),
+])
+def test_wrong_jsonl_kind_is_one_line_error(tmp_path, caplog, command, option, fields):
+    raw = tmp_path / "train.jsonl"
+    raw.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")
+    required = {"sft": ["--model", "m", "--out", "o"], "rollout": ["--model", "m", "--out", "o"],
+                "score": ["--teacher", "t", "--student", "s", "--out", "o"],
+                "distill": ["--student", "s", "--store", "x", "--out", "o"]}[command]
+    assert main([command, option, str(raw), *required]) == 2
+    assert f"row 1 has no {fields} field" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
 def test_eval_rejects_raw_gsm8k(tmp_path, caplog):
     raw = tmp_path / "test.jsonl"
     raw.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n")

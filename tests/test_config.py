@@ -25,6 +25,7 @@ def test_default_yaml_matches_dataclass_defaults():
     ("export:\n  quantize: [int3]\n", "export.quantize"),
     ("ascend:\n  max_prompt_len: 256\n  kv_capacity: 128\n", "ascend.kv_capacity"),
     ("sft:\n  stages:\n    - name: a\n    - name: a\n", "sft.stages: stage names must be unique"),
+    ("ascend:\n  soc_version: Foo123\n", "ascend.soc_version: must be one of"),
 ])
 def test_invalid_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as error:

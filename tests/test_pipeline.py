@@ -59,6 +59,8 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     assert not run.is_done("distill")
     assert not run.path("distill").exists()
     sft_marker_time = run.marker("sft-fast").stat().st_mtime_ns
+    score_metrics = json.loads(run.marker("score").read_text())
+    assert score_metrics["seconds"] >= score_metrics["work_seconds"], "the stage's wall time must include its work"
 
     monkeypatch.undo()
     metrics = pipeline.run_pipeline(config)
@@ -98,6 +100,26 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     for name in ["stage_data", "stage_student", "stage_rollout", "stage_teacher_sft", "stage_score", "stage_distill", "stage_export", "stage_eval"]:
         monkeypatch.setattr(pipeline, name, must_not_run)
     pipeline.run_pipeline(config)
+
+
+def test_student_with_other_tokenizer_fails_before_training(tiny_model_factory, tmp_path):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    teacher = tiny_model_factory("llama", num_hidden_layers=4)
+    student = tmp_path / "student"
+    shutil.copytree(teacher, student)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    tokenizer.add_tokens(["<extra_one>", "<extra_two>"])
+    tokenizer.save_pretrained(student)
+    write_gsm8k(tmp_path / "train.jsonl", 4)
+    data = {"train": str(tmp_path / "train.jsonl"), "test": str(tmp_path / "train.jsonl")}
+    config = load_config(_write(tmp_path, {"run_dir": str(tmp_path / "run"), "data": data, "teacher": str(teacher),
+                                           "student": {"source": str(student)}}))
+    with pytest.raises(ConfigError, match="student.source .*tokenizers differ"):
+        pipeline.run_pipeline(config)
+    assert not list((tmp_path / "run").glob("stages/*.json")), "a stage ran before the tokenizer check"
 
 
 def test_unknown_stage_name_is_rejected(tmp_path):

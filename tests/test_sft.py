@@ -75,6 +75,19 @@ def test_sft_stage_without_trainable_tokens_fails(tiny_model_dir, tmp_path):
     assert report["trained_tokens"] == 0
 
 
+@pytest.mark.parametrize("packing, message", [
+    (False, "longer than the model's max_position_embeddings=16"),
+    (True, "max_length=256 tokens, more than the model's max_position_embeddings=16"),
+])
+def test_sft_stage_rejects_rows_over_model_limit(smollm2_tokenizer_dir, tmp_path, packing, message):
+    from conftest import build_tiny_model
+
+    short = build_tiny_model(smollm2_tokenizer_dir, tmp_path / "short", max_position_embeddings=16)
+    with pytest.raises(ValueError, match=message):
+        run_sft_stage(str(short), make_records(4), tmp_path / "sft", mode="reasoning", max_length=256,
+                      packing=packing)
+
+
 def test_sft_stage_lowers_loss_and_saves(tiny_model_dir, tmp_path):
     records = make_records(8)
     metrics = run_sft_stage(str(tiny_model_dir), records, tmp_path / "sft", mode="mixed", fast_ratio=0.5, epochs=3,

@@ -43,6 +43,7 @@ from edgelm.train.curriculum import PACINGS, CurriculumSampler
 from edgelm.train.difficulty import ScoringContext, get_scorer
 from edgelm.train.models import load_model, save_model
 from edgelm.train.packing import collate_packed, pack_examples
+from edgelm.train.preflight import check_sequence_lengths, max_positions
 from edgelm.train.trainer_setup import AnswerLossTrainer, ProgressLine, pad_batch, training_arguments
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,18 @@ def encode_records(
         },
     }
     return kept, examples, report
+
+
+def check_model_limit(model, record_ids: list, examples: list[dict], max_length: int, packing: bool) -> None:
+    """Raise ValueError when a training row would be longer than the model's max_position_embeddings."""
+    limit = max_positions(model)
+    if limit is None:
+        return
+    if packing and max_length > limit:
+        raise ValueError(f"packed rows reach max_length={max_length} tokens, more than the model's "
+                         f"max_position_embeddings={limit}; lower sft.max_length to {limit} or less")
+    lengths = [(record_id, len(example["input_ids"])) for record_id, example in zip(record_ids, examples)]
+    check_sequence_lengths(lengths, limit, "model")
 
 
 def log_mask_report(stage_name: str, report: dict) -> None:
@@ -278,6 +291,7 @@ def run_sft_stage(
     write_json(out_dir / MASK_REPORT, report)
     log_mask_report(stage_name, report)
     check_trainable(report)
+    check_model_limit(model, [records[index].get("id", index) for index in kept], examples, max_length, packing)
 
     context = ScoringContext(
         records=[records[i] for i in kept], examples=examples, modes=[modes[i] for i in kept], tokenizer=tokenizer,
