@@ -62,11 +62,9 @@ def cmd_data(args) -> int:
     return 0
 
 
-# Fields that identify each kind of JSONL file the commands read, and how to make one.
+# Fields of every record that `edgelm data` writes, and how to make a records file from raw data.
 RECORD_FIELDS = ("id", "prompt", "reasoning", "answer")
 RECORDS_FIX = "convert raw data first with `edgelm data --input FILE --out records.jsonl`"
-ROLLOUT_FIELDS = ("id", "sample", "prompt_ids", "response_ids")
-ROLLOUTS_FIX = "pass the rows that `edgelm rollout` wrote"
 
 
 def cmd_student(args) -> int:
@@ -113,9 +111,10 @@ def cmd_rollout(args) -> int:
 def cmd_score(args) -> int:
     from edgelm.files import read_jsonl_with
     from edgelm.train.models import load_model, load_tokenizer
+    from edgelm.train.rollout import ROW_FIELDS, ROWS_FIX
     from edgelm.train.score import check_teacher_and_student, score_rows, teacher_identity
 
-    rows = read_jsonl_with(args.rows, ROLLOUT_FIELDS, "rollout rows", ROLLOUTS_FIX)
+    rows = read_jsonl_with(args.rows, ROW_FIELDS, "rollout rows", ROWS_FIX)
     teacher, tokenizer = load_model(args.teacher)
     # The rows hold the student's token ids, so the student's tokenizer must be the teacher's.
     vocab_size = check_teacher_and_student(teacher, tokenizer, load_tokenizer(args.student), args.student)
@@ -126,10 +125,8 @@ def cmd_score(args) -> int:
 
 
 def cmd_distill(args) -> int:
-    from edgelm.files import read_jsonl_with
     from edgelm.train.distill import distill
 
-    read_jsonl_with(args.rows, ROLLOUT_FIELDS, "rollout rows", ROLLOUTS_FIX)
     _print_json(distill(
         args.student, args.rows, args.store, args.out, alpha=args.alpha, loss=args.loss, beta=args.beta,
         temperature=args.temperature, targets=args.targets, label_fraction=args.label_fraction,

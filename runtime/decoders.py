@@ -351,9 +351,9 @@ class GQADecoder:
     separate batch-1 caches, one row after another.
 
     A prompt runs through the graph `prefill_chunk` tokens at a time (None: all at once).
-    The activations then stay the size of one chunk whatever the prompt length: on the
-    30-layer SmolLM2 int4, a 128-token prompt in chunks of 64 peaked about 5 MB lower at the
-    same time to first token within 3% (onnxruntime 1.32, 2 cores).
+    The activations then stay the size of one chunk whatever the prompt length. On the
+    30-layer SmolLM2 int4, a 128-token prompt in chunks of 64 peaked about 5 MB lower, with
+    time to first token within 3% (onnxruntime 1.32, 2 cores).
 
     NOTE: with int4 MatMulNBits at accuracy level 4 the logits depend on the chunk size
     (up to 0.7 apart on SmolLM2 int4), because the kernel path depends on the row count.

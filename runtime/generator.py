@@ -285,7 +285,8 @@ class Generator:
                 active &= ~np.isin(tokens, eos)
             if not active.any() or step == max_new_tokens - 1:
                 return
-            logits = self.decode_step(cache, tokens)
+            # Sampled tokens are in range, so the loop skips decode_step's input check.
+            logits = self.decoder.decode(cache, tokens)
 
     def generate_ids(
         self,

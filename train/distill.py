@@ -25,12 +25,13 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.utils import is_torch_npu_available
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from edgelm.files import read_jsonl
+from edgelm.files import read_jsonl_with
 from edgelm.train.distributed import gather_objects
 from edgelm.train.logit_store import LogitStore
 from edgelm.train.losses import IGNORE_INDEX, DistillationLoss, check_loss_settings, distillation_loss
 from edgelm.train.models import load_model, save_model
 from edgelm.train.preflight import check_same_tokenizer, max_positions, tokenizer_fingerprint
+from edgelm.train.rollout import ROW_FIELDS, ROWS_FIX
 from edgelm.train.score import output_vocab_size, row_key, row_sequence
 
 log = logging.getLogger(__name__)
@@ -452,10 +453,10 @@ def distill(
     if targets == "mixed" and not 0.0 < label_fraction < 1.0:
         raise ValueError(f"label_fraction={label_fraction} must be between 0 and 1 (exclusive) for targets 'mixed'")
     precision_args = _precision_args(precision)
+    rows = select_rows(read_jsonl_with(rows_path, ROW_FIELDS, "rollout rows", ROWS_FIX), targets)
     store = LogitStore(store_dir)
     model, tokenizer = load_model(str(student_dir))
     vocab_size = check_student(model, tokenizer, store, max_length)
-    rows = select_rows(read_jsonl(rows_path), targets)
     examples, dropped = load_examples(rows, store, max_length)
     if not examples:
         raise ValueError(f"no rows to train on in {rows_path} ({len(rows)} rows, {dropped} longer than max_length)")

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("hf", "vllm")
 
+# Fields every row of a rollouts file has, and what to pass instead of another kind of file.
+ROW_FIELDS = ("id", "sample", "prompt_ids", "response_ids")
+ROWS_FIX = "pass the rows that `edgelm rollout` wrote"
+
 
 @torch.no_grad()
 def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0, seed: int = 0) -> list[tuple[list[int], bool]]:
