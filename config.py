@@ -331,6 +331,9 @@ class ExportConfig:
     """MatMulNBits accuracy_level: null or 0 (onnxruntime's default), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations."""
     int4_lm_head: str = "int8"
     """Precision of the LM head in the int4 variant: int4, int8 (MatMulNBits 8 bits) or fp32."""
+    int4_method: str = "rtn"
+    """How int4 weights are rounded: rtn (to nearest) or gptq (edgelm.export.gptq; symmetric only,
+    calibrated on 32 sequences the model samples itself, a few minutes more)."""
     fused_int4: bool = True
     """Whether to also write export/fused-int4, the runtime's fastest CPU variant. It is the model
     rebuilt from onnxruntime's fused operators (GroupQueryAttention with the KV cache written in
@@ -357,6 +360,10 @@ class ExportConfig:
                  f"must be null or in [0, 4], got {self.int4_accuracy_level}")
         _require(self.int4_lm_head in INT4_LM_HEAD, f"{key}.int4_lm_head",
                  f"must be one of {INT4_LM_HEAD}, got {self.int4_lm_head!r}")
+        _require(self.int4_method in ("rtn", "gptq"), f"{key}.int4_method",
+                 f"must be 'rtn' or 'gptq', got {self.int4_method!r}")
+        _require(self.int4_method != "gptq" or self.int4_symmetric, f"{key}.int4_method",
+                 "gptq writes symmetric int4 only; set int4_symmetric: true")
         _require(self.calibration_samples >= 1, f"{key}.calibration_samples", f"must be >= 1, got {self.calibration_samples}")
         _require(self.sample_prompts >= 0, f"{key}.sample_prompts", f"must be >= 0, got {self.sample_prompts}")
         _require(self.sample_new_tokens >= 1, f"{key}.sample_new_tokens", f"must be >= 1, got {self.sample_new_tokens}")

@@ -235,7 +235,8 @@ def stage_quantize(run: Run) -> dict:
     heldout = _heldout_texts(run)
     options = {
         "int4": {"block_size": config.int4_block_size, "symmetric": config.int4_symmetric,
-                 "accuracy_level": config.int4_accuracy_level, "lm_head": config.int4_lm_head},
+                 "accuracy_level": config.int4_accuracy_level, "lm_head": config.int4_lm_head,
+                 "method": config.int4_method},
         "int8-static": {"calibration_samples": config.calibration_samples},
     }
     calibration = [record["prompt"] for record in run.records("train")[: config.calibration_samples]]

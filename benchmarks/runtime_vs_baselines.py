@@ -8,7 +8,9 @@ Builds what it needs into a cache folder, reusing what is already there:
     CACHE/kvbuf-fp32    export_kv_buffer (fixed-capacity KV cache graph)
     CACHE/kvbuf-int4    quantize(..., "int4", accuracy_level=4) of kvbuf-fp32, then fuse_export
     CACHE/gqa-fp32      export_fused (fused GroupQueryAttention graph, built with onnx.helper)
-    CACHE/gqa-int4      quantize_fused: int4 block 32 symmetric, LM head int4, accuracy_level 4
+    CACHE/gqa-int4      quantize_fused: int4 RTN block 32 symmetric, LM head int4, accuracy_level 4
+    CACHE/gqa-int4-gptq quantize_fused: int4 GPTQ block 128 symmetric, LM head int4, accuracy_level 4,
+                        calibrated on 32 sequences the model samples itself
     CACHE/genai-int4    python -m onnxruntime_genai.models.builder -p int4 -e cpu
 
 Then it runs every target in its own worker process with the same prompt and settings and
@@ -63,6 +65,9 @@ INT4_OPTIONS = {"accuracy_level": 4}
 # The settings of onnxruntime-genai's int4 CPU builder (its MatMulNBits nodes read block_size 32,
 # no zero points, accuracy_level 4), so the fused graph and genai read the same weight bytes.
 GQA_INT4_OPTIONS = {"block_size": 32, "symmetric": True, "lm_head": "int4", "accuracy_level": 4}
+# edgelm's own int4 for the fused graph: GPTQ at block 128 matched the accuracy of RTN at
+# block 32 on SmolLM2 (docs/benchmarks.md) and reads fewer scale bytes per weight.
+GQA_GPTQ_OPTIONS = {**GQA_INT4_OPTIONS, "block_size": 128, "method": "gptq"}
 
 
 def build_onnx(hf: Path, cache: Path) -> None:
@@ -92,6 +97,9 @@ def build_onnx(hf: Path, cache: Path) -> None:
     if not (cache / "gqa-int4" / "edgelm_export.json").is_file():
         log.info("quantizing the fused graph to int4")
         quantize_fused(cache / "gqa-fp32", cache / "gqa-int4", **GQA_INT4_OPTIONS)
+    if not (cache / "gqa-int4-gptq" / "edgelm_export.json").is_file():
+        log.info("quantizing the fused graph to int4 with GPTQ (a few minutes: it samples its calibration text)")
+        quantize_fused(cache / "gqa-fp32", cache / "gqa-int4-gptq", **GQA_GPTQ_OPTIONS)
 
 
 def build_genai(hf: Path, out: Path) -> bool:
@@ -119,7 +127,8 @@ def build_all(gguf: str, cache: Path) -> dict[str, Path | None]:
 
 def build_targets(gguf: str, cache: Path, built: dict, pytorch: bool) -> list[dict]:
     targets = [
-        {"name": "edgelm-int4-gqa", "kind": "onnx", "path": str(cache / "gqa-int4")},
+        {"name": "edgelm-int4-gqa", "kind": "onnx", "path": str(cache / "gqa-int4-gptq")},
+        {"name": "edgelm-int4-gqa-rtn32", "kind": "onnx", "path": str(cache / "gqa-int4")},
         {"name": "edgelm-int4", "kind": "onnx", "path": str(cache / "kvbuf-int4")},
         {"name": "edgelm-int4-dynamic", "kind": "onnx", "path": str(cache / "onnx-int4")},
     ]

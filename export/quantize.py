@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 INT4_GATHER_OPSET = 21
 LM_HEAD_PRECISIONS = ("int4", "int8", "fp32")
+INT4_METHODS = ("rtn", "gptq")
 
 
 @dataclass(frozen=True)
@@ -92,8 +93,9 @@ SCHEMES = {
                    # 10-layer student (docs/export.md), at 88 MB against 58 MB for block 32 symmetric.
                    # accuracy_level 4 (int8 activations in the kernel): with the int8 LM head, the
                    # default level decoded 7 to 30 times slower on CPU (docs/export.md).
+                   # method "gptq" rounds with edgelm.export.gptq on `calibration_samples` sequences.
                    {"block_size": 16, "symmetric": False, "accuracy_level": 4, "quantize_embedding": True,
-                    "bits": 4, "lm_head": "int8"}),
+                    "bits": 4, "lm_head": "int8", "method": "rtn", "calibration_samples": 32}),
     "fp16": Scheme("fp16 weights and compute; graph inputs and outputs, norms and Softmax in fp32",
                    DEFAULT_THRESHOLDS["fp16"], {"keep_fp32_norms": True}),
 }
@@ -253,17 +255,18 @@ def quantize_nbits(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     notes: dict = {"lm_head_node": head_name}
     op_types = ("MatMul", "Gather") if options["quantize_embedding"] else ("MatMul",)
     exclude = [head_name] if head_name and options["lm_head"] != f"int{options['bits']}" else []
-    try:
-        quantized = _run_nbits(nbits, model, op_types, options, exclude=exclude)
-        _check_loads(quantized)
-        notes["embedding_quantized"] = "Gather" in op_types
-    except Exception as error:  # noqa: BLE001 - any failure of the optional Gather path falls back
-        if "Gather" not in op_types:
-            raise
-        log.warning("quantized embedding (GatherBlockQuantized) failed, keeping the embedding in fp32: %s", error)
-        notes["embedding_quantized"] = False
-        notes["embedding_error"] = str(error)[:500]
-        quantized = _run_nbits(nbits, model, ("MatMul",), options, exclude=exclude)
+    if options.get("method", "rtn") == "gptq":
+        quantized = _gptq_nbits(nbits, model, options, exclude, notes)
+    else:
+        try:
+            quantized = _run_nbits(nbits, model, op_types, options, exclude=exclude)
+            _check_loads(quantized)
+            notes["embedding_quantized"] = "Gather" in op_types
+        except Exception as error:  # noqa: BLE001 - any failure of the optional Gather path falls back
+            if "Gather" not in op_types:
+                raise
+            _embedding_failed(notes, error)
+            quantized = _run_nbits(nbits, model, ("MatMul",), options, exclude=exclude)
     if exclude and options["lm_head"] == "int8":
         # A second pass quantizes only the LM head, with 8 bits.
         quantized = _run_nbits(nbits, quantized, ("MatMul",), {**options, "bits": 8}, include=[head_name])
@@ -272,6 +275,34 @@ def quantize_nbits(model: onnx.ModelProto, path: Path, options: dict) -> dict:
     notes["matmul_nbits_nodes"] = notes["quantized_op_counts"].get("MatMulNBits", 0)
     _save(quantized, path)
     return notes
+
+
+def _embedding_failed(notes: dict, error: Exception) -> None:
+    log.warning("quantized embedding (GatherBlockQuantized) failed, keeping the embedding in fp32: %s", error)
+    notes["embedding_quantized"] = False
+    notes["embedding_error"] = str(error)[:500]
+
+
+def _gptq_nbits(nbits, model: onnx.ModelProto, options: dict, exclude: list[str], notes: dict) -> onnx.ModelProto:
+    """Round the embedding with RTN (if asked), then every other MatMul weight but `exclude` with GPTQ.
+
+    The embedding goes first, while the graph holds no MatMulNBits yet, because its pass
+    converts the graph to opset 21. Its block is at most 32: a step reads one row of it, so
+    a larger block would cost accuracy and save no decode time.
+    """
+    from edgelm.export.gptq import constant_matmuls, gptq_int4, input_hessians
+
+    if options["quantize_embedding"]:
+        try:
+            embedded = _run_nbits(nbits, model, ("Gather",), {**options, "block_size": min(options["block_size"], 32)})
+            _check_loads(embedded)
+            model = embedded
+            notes["embedding_quantized"] = True
+        except Exception as error:  # noqa: BLE001 - the embedding then stays fp32, as for RTN
+            _embedding_failed(notes, error)
+    hessians, notes["calibration_tokens"] = input_hessians(model, options["calibration_feeds"],
+                                                           constant_matmuls(model, exclude))
+    return gptq_int4(model, hessians, options["block_size"], options["accuracy_level"], exclude)
 
 
 def _run_nbits(nbits, model: onnx.ModelProto, op_types: tuple[str, ...], options: dict,
@@ -457,6 +488,16 @@ def check_onnx_parity(reference_path: Path, candidate_path: Path, geometry: Mode
     return apply_thresholds(result, thresholds, kind)
 
 
+def _check_int4_method(options: dict) -> None:
+    method = options["method"]
+    if method not in INT4_METHODS:
+        raise ValueError(f"method={method!r} is not an int4 method; use one of {INT4_METHODS}")
+    if method == "gptq" and not options["symmetric"]:
+        raise ValueError("method='gptq' writes symmetric int4 only; set symmetric=True (int4_symmetric: true)")
+    if method == "gptq" and options["calibration_samples"] < 1:
+        raise ValueError(f"calibration_samples={options['calibration_samples']} must be at least 1 for method='gptq'")
+
+
 def calibration_prompts(tokenizer, texts, samples: int) -> list[list[int]]:
     """Token ids of up to `samples` chat prompts (user turn plus generation prompt) from `texts`."""
     prompts = []
@@ -482,14 +523,16 @@ DEFAULT_CALIBRATION_TEXTS = (
 
 def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool = True,
              max_logits_diff: float | None = None, strict: bool = False, thresholds: dict | None = None,
-             heldout_texts=None, calibration_texts=None, **options) -> dict:
+             heldout_texts=None, calibration_texts=None, calibration_sequences=None, **options) -> dict:
     """Quantize the fp32 export in `onnx_dir` with `scheme` into a new folder; return its manifest.
 
     `options` override the scheme's defaults (see SCHEMES). `thresholds` overrides the scheme's
     default parity thresholds, and `max_logits_diff` overrides that one key. With `check`, the
     manifest's `parity` entry and parity.json compare against the fp32 graph. A broken threshold
     is logged, and raises ParityError only when `strict` is True. `calibration_texts` are the
-    user questions int8-static calibrates on.
+    user questions int8-static calibrates on. `calibration_sequences` are the token id lists
+    int4 with method "gptq" calibrates on; without them it samples its own from the model
+    (edgelm.export.gptq.sample_sequences).
     """
     from edgelm.export.parity import failure_message, write_parity
 
@@ -517,6 +560,15 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
                                       merged["calibration_samples"])
         runtime_options["calibration_reader"] = PrefillCalibrationReader(
             prompts, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+    if scheme == "int4":
+        _check_int4_method(merged)
+        if merged["method"] == "gptq":
+            from edgelm.export.gptq import calibration_feeds, sample_sequences
+
+            sequences = calibration_sequences
+            if sequences is None:
+                sequences = sample_sequences(onnx_dir, merged["calibration_samples"])
+            runtime_options["calibration_feeds"] = calibration_feeds(source, sequences)
 
     with atomic_dir(out_dir) as tmp:
         for item in onnx_dir.iterdir():

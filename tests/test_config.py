@@ -26,6 +26,8 @@ def test_default_yaml_matches_dataclass_defaults():
     ("ascend:\n  max_prompt_len: 256\n  kv_capacity: 128\n", "ascend.kv_capacity"),
     ("sft:\n  stages:\n    - name: a\n    - name: a\n", "sft.stages: stage names must be unique"),
     ("ascend:\n  soc_version: Foo123\n", "ascend.soc_version: must be one of"),
+    ("export:\n  int4_method: awq\n", "export.int4_method: must be 'rtn' or 'gptq'"),
+    ("export:\n  int4_method: gptq\n", "export.int4_method: gptq writes symmetric int4 only"),
 ])
 def test_invalid_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as error:
