@@ -21,7 +21,7 @@ def _correlated_inputs(rows: int, size: int, seed: int = 0) -> np.ndarray:
 
 
 def _dequantize(codes: np.ndarray, scales: np.ndarray, block_size: int) -> np.ndarray:
-    """Return the weight [K, N] that codes [N, K] and scales [N, blocks] stand for."""
+    """Return the weight [K, N] that codes [N, K] and scales [N, blocks] encode."""
     per_column = np.repeat(scales, block_size, axis=1)[:, : codes.shape[1]]
     return ((codes.astype(np.float32) - 8) * per_column).T
 
@@ -46,7 +46,8 @@ def test_packed_codes_run_in_matmul_nbits(size, block_size):
     inputs = _correlated_inputs(16, size)
     weight = np.random.default_rng(1).standard_normal((size, 24)).astype(np.float32)
     codes, scales = quantize_weight(weight, (inputs.T @ inputs).astype(np.float64), block_size)
-    assert codes.shape == (24, size) and codes.max() <= 15
+    assert codes.shape == (24, size)
+    assert codes.max() <= 15
     expected = inputs @ _dequantize(codes, scales, block_size)
     np.testing.assert_allclose(_matmul_nbits(inputs, codes, scales, block_size), expected, rtol=1e-4, atol=1e-3)
 
@@ -99,12 +100,14 @@ def test_quantize_fused_with_gptq(fused_fp32, tmp_path):
                               method="gptq", calibration_sequences=sequences)
     model = onnx.load(str(tmp_path / "gptq" / "model.onnx"))
     counts = collections.Counter(node.op_type for node in model.graph.node)
-    assert counts["MatMulNBits"] == 4 * fp32_manifest["num_layers"] + 1 and counts["MatMul"] == 0
+    assert counts["MatMulNBits"] == 4 * fp32_manifest["num_layers"] + 1
+    assert counts["MatMul"] == 0
     assert counts["GatherBlockQuantized"] == 1
     assert {attribute.i for node in model.graph.node if node.op_type == "MatMulNBits"
             for attribute in node.attribute if attribute.name == "block_size"} == {32}
     quantization = manifest["quantization"]
-    assert quantization["method"] == "gptq" and quantization["calibration_tokens"] == 160
+    assert quantization["method"] == "gptq"
+    assert quantization["calibration_tokens"] == 160
     assert manifest["parity"]["top1_agreement"] >= 0.9
 
 
@@ -129,3 +132,17 @@ def test_bad_gptq_options_raise(fused_fp32, tmp_path, options, message):
     with pytest.raises(ValueError, match=message):
         quantize(fused_fp32[0], tmp_path / "out", "int4", check=False, **options)
     assert not (tmp_path / "out").exists()
+
+
+def test_gptq_on_dynamic_export(tiny_model_factory, tmp_path):
+    from edgelm.export.onnx_export import export_onnx
+    from edgelm.export.quantize import quantize
+
+    fp32 = export_onnx(tiny_model_factory("llama"), tmp_path / "fp32")
+    sequences = [list(range(100, 130)), list(range(200, 220))]
+    manifest = quantize(tmp_path / "fp32", tmp_path / "gptq", "int4", symmetric=True, block_size=32, method="gptq",
+                        calibration_sequences=sequences)
+    assert manifest["quantization"]["calibration_tokens"] == 50
+    assert manifest["quantization"]["fp32_matmul_nodes_left"] == 0
+    assert manifest["quantization"]["matmul_nbits_nodes"] >= 7 * fp32["num_layers"]
+    assert manifest["parity"]["top1_agreement"] >= 0.9
