@@ -210,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="times to run the whole target list, in reversed order every other round; the table "
                              "shows medians (default: 3)")
     parser.add_argument("--no-pytorch", action="store_true", help="leave out the PyTorch eager fp32 target")
+    parser.add_argument("--only", nargs="+", default=None, metavar="NAME",
+                        help="run only these targets, for more rounds in the same time (default: all)")
     parser.add_argument("--out", default=None, help="result JSON file to write (default: none)")
     parser.add_argument("--plot", default=None, metavar="PREFIX", help="write PNG plots with this prefix (needs matplotlib)")
     args = parser.parse_args(argv)
@@ -223,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     from edgelm.files import write_json
 
     targets = build_targets(args.gguf, cache, built, not args.no_pytorch)
+    if args.only:
+        unknown = sorted(set(args.only) - {target["name"] for target in targets})
+        if unknown:
+            parser.error(f"--only names unknown targets {unknown}; known: {[target['name'] for target in targets]}")
+        targets = [target for target in targets if target["name"] in args.only]
     # On a shared or thermally limited machine the speed drifts over minutes, so the targets run
     # in several rounds, alternating their order, and each ratio is read within one round.
     reports = []

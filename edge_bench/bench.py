@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -160,10 +161,29 @@ def run_target(spec: dict, timeout_s: float | None = None) -> dict:
             log.error("benchmark of %s timed out after %s s", spec["name"], timeout_s)
             return {**_target_fields(spec), "error": f"timed out after {timeout_s} s"}
         if done.returncode != 0 or not out_path.is_file():
-            error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+            error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else worker_exit_message(done.returncode)
             log.error("benchmark of %s failed (exit status %d): %s\n%s", spec["name"], done.returncode, error, done.stderr[-4000:])
             return {**_target_fields(spec), "error": error}
         return json.loads(out_path.read_text(encoding="utf-8"))
+
+
+def worker_exit_message(returncode: int) -> str:
+    """Describe a worker's exit status, naming the signal when a signal killed it."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        return f"killed by signal {-returncode}"
+    if name == "SIGILL":
+        # A native library built with -march=native on another CPU, or for features the
+        # hypervisor advertises but does not run (seen with llama-cpp-python and AMX).
+        return ("killed by SIGILL (illegal instruction): the backend's native library uses CPU instructions this "
+                "machine does not run; rebuild it for this CPU, for llama-cpp-python with "
+                "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON\" pip install --force-reinstall --no-cache-dir llama-cpp-python")
+    if name == "SIGKILL":
+        return "killed by SIGKILL, often the out-of-memory killer: check free memory or lower the prompt length"
+    return f"killed by {name}"
 
 
 def _target_fields(spec: dict) -> dict:

@@ -266,3 +266,15 @@ def test_plots_written(matrix_report, tmp_path):
     assert [p.name for p in paths] == ["bench-latency.png", "bench-memory.png"]
     for path in paths:
         assert path.stat().st_size > 1000
+
+
+@pytest.mark.parametrize("returncode, text", [
+    (3, "exit status 3"),
+    (-4, "killed by SIGILL (illegal instruction)"),
+    (-9, "killed by SIGKILL"),
+    (-15, "killed by SIGTERM"),
+])
+def test_worker_exit_message(returncode, text):
+    from edgelm.edge_bench.bench import worker_exit_message
+
+    assert worker_exit_message(returncode).startswith(text)
