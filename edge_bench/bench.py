@@ -176,8 +176,9 @@ def worker_exit_message(returncode: int) -> str:
     except ValueError:
         return f"killed by signal {-returncode}"
     if name == "SIGILL":
-        # A native library built with -march=native on another CPU, or for features the
-        # hypervisor advertises but does not run (seen with llama-cpp-python and AMX).
+        # A native library built for another CPU, or for features a VM lists but does not run:
+        # llama-cpp-python built with GGML_NATIVE=ON on a VM listing AMX and AVX512-FP16 died
+        # this way, and a build with GGML_NATIVE=OFF (AVX2 and AVX-512, no AMX) ran.
         return ("killed by SIGILL (illegal instruction): the backend's native library uses CPU instructions this "
                 "machine does not run; rebuild it for this CPU, for llama-cpp-python with "
                 "CMAKE_ARGS=\"-DGGML_NATIVE=OFF -DGGML_AVX2=ON\" pip install --force-reinstall --no-cache-dir llama-cpp-python")
