@@ -159,7 +159,8 @@ def cmd_quantize(args) -> int:
 
     options = {}
     if args.scheme == "int4":
-        options = {"block_size": args.block_size, "symmetric": not args.asymmetric, "lm_head": args.lm_head}
+        options = {"block_size": args.block_size, "symmetric": not args.asymmetric, "lm_head": args.lm_head,
+                   "method": args.method, "calibration_samples": args.calibration_samples}
         if args.accuracy_level is not None:
             options["accuracy_level"] = args.accuracy_level
     manifest = quantize(args.onnx, args.out, args.scheme, **options)
@@ -363,6 +364,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int4: MatMulNBits accuracy_level; 0 = onnxruntime's default, 4 = int8 activations, fastest (default: 4)")
     p.add_argument("--lm-head", choices=["int4", "int8", "fp32"], default="int8",
                    help="int4: precision of the output projection (default: int8)")
+    p.add_argument("--method", choices=["rtn", "gptq"], default="rtn",
+                   help="int4: rtn rounds to nearest; gptq (symmetric only, with --no-asymmetric) calibrates on "
+                        "sequences the model samples itself, a few minutes more (default: rtn)")
+    p.add_argument("--calibration-samples", type=int, default=32,
+                   help="int4 with --method gptq: sampled sequences of 256 tokens to calibrate on (default: 32)")
     p.add_argument("--allow-parity-failure", action="store_true",
                    help="exit with status 0 even when the variant breaks a parity threshold (default: exit 1)")
     p.set_defaults(func=cmd_quantize)

@@ -108,6 +108,25 @@ def test_quantize_parity_failure_exit_status(monkeypatch, caplog, extra, status)
     assert ("failed its parity check: top1_agreement 0.25 < 0.8" in caplog.text) == (status == 1)
 
 
+def test_quantize_passes_gptq_options(monkeypatch):
+    import edgelm.export.quantize as quantize_module
+
+    seen = {}
+
+    def record(onnx_dir, out_dir, scheme, **options):
+        seen.update(options)
+        return {"variant": scheme, "parity": {"passed": True}}
+
+    monkeypatch.setattr(quantize_module, "quantize", record)
+    command = ["quantize", "--onnx", "in", "--out", "out", "--scheme", "int4", "--no-asymmetric", "--block-size", "128",
+               "--method", "gptq", "--calibration-samples", "8"]
+    assert main(command) == 0
+    assert seen["method"] == "gptq"
+    assert seen["calibration_samples"] == 8
+    assert seen["symmetric"] is True
+    assert seen["block_size"] == 128
+
+
 @pytest.mark.parametrize("command, option, fields", [
     ("sft", "--data", "['id', 'prompt', 'reasoning']"),
     ("rollout", "--data", "['id', 'prompt']"),
