@@ -155,6 +155,7 @@ def _interrupted_message(command: str | None) -> str:
 
 
 def cmd_quantize(args) -> int:
+    from edgelm.export.onnx_export import MANIFEST_NAME, read_manifest
     from edgelm.export.quantize import quantize
 
     options = {}
@@ -163,7 +164,19 @@ def cmd_quantize(args) -> int:
                    "method": args.method, "calibration_samples": args.calibration_samples}
         if args.accuracy_level is not None:
             options["accuracy_level"] = args.accuracy_level
-    manifest = quantize(args.onnx, args.out, args.scheme, **options)
+    manifest_path = Path(args.onnx) / MANIFEST_NAME
+    if manifest_path.is_file() and read_manifest(args.onnx).get("kv_cache") == "gqa":
+        # The fused graph has its own parity check, against the fused fp32 graph.
+        from edgelm.export.fused_graph import quantize_fused
+
+        if args.scheme != "int4":
+            logging.getLogger("edgelm").error("%s is a fused GroupQueryAttention export, which is quantized to int4 "
+                                              "only; use --scheme int4, or quantize the `edgelm export` folder",
+                                              args.onnx)
+            return 2
+        manifest = quantize_fused(args.onnx, args.out, **options)
+    else:
+        manifest = quantize(args.onnx, args.out, args.scheme, **options)
     _print_json(manifest)
     parity = manifest.get("parity") or {}
     if parity.get("passed") is False and not args.allow_parity_failure:

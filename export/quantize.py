@@ -21,6 +21,7 @@ and raises only with `strict=True`.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -286,7 +287,7 @@ def _embedding_failed(notes: dict, error: Exception) -> None:
 def _gptq_nbits(nbits, model: onnx.ModelProto, options: dict, exclude: list[str], notes: dict) -> onnx.ModelProto:
     """Round the embedding with RTN (if asked), then every other MatMul weight but `exclude` with GPTQ.
 
-    The embedding goes first, while the graph holds no MatMulNBits yet, because its pass
+    The embedding goes first, while the graph contains no MatMulNBits yet, because its pass
     converts the graph to opset 21. Its block is at most 32: a step reads one row of it, so
     a larger block would cost accuracy and save no decode time.
     """
@@ -488,7 +489,14 @@ def check_onnx_parity(reference_path: Path, candidate_path: Path, geometry: Mode
     return apply_thresholds(result, thresholds, kind)
 
 
-def _check_int4_method(options: dict) -> None:
+def _check_int4_options(options: dict) -> None:
+    block_size = options["block_size"]
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block_size={block_size!r} is not supported; MatMulNBits needs a power of two of at least 16 "
+                         f"(16, 32, 64, 128, 256)")
+    samples = options["calibration_samples"]
+    if isinstance(samples, bool) or not isinstance(samples, int):
+        raise ValueError(f"calibration_samples={samples!r} must be an integer")
     method = options["method"]
     if method not in INT4_METHODS:
         raise ValueError(f"method={method!r} is not an int4 method; use one of {INT4_METHODS}")
@@ -496,6 +504,17 @@ def _check_int4_method(options: dict) -> None:
         raise ValueError("method='gptq' writes symmetric int4 only; set symmetric=True (int4_symmetric: true)")
     if method == "gptq" and options["calibration_samples"] < 1:
         raise ValueError(f"calibration_samples={options['calibration_samples']} must be at least 1 for method='gptq'")
+
+
+def _max_positions(onnx_dir: Path, manifest: dict) -> int | None:
+    """Return the positions the export supports: the manifest's max_positions, else config.json's limit."""
+    if manifest.get("max_positions"):
+        return int(manifest["max_positions"])
+    config_path = onnx_dir / "config.json"
+    if config_path.is_file():
+        limit = json.loads(config_path.read_text(encoding="utf-8")).get("max_position_embeddings")
+        return int(limit) if limit else None
+    return None
 
 
 def calibration_prompts(tokenizer, texts, samples: int) -> list[list[int]]:
@@ -539,10 +558,16 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization scheme {scheme!r}; use one of {sorted(SCHEMES)}")
     onnx_dir = Path(onnx_dir)
+    if Path(out_dir).resolve() == onnx_dir.resolve():
+        raise ValueError(f"out_dir {out_dir} is the fp32 export itself; write the quantized copy to another folder")
     source = read_manifest(onnx_dir)
     if source.get("variant") != "fp32":
         raise ValueError(f"{onnx_dir} contains variant {source.get('variant')!r}, but quantize() needs an fp32 "
                          f"export; pass the folder written by export_onnx")
+    if check and source.get("kv_cache") == "gqa":
+        raise ValueError(f"{onnx_dir} is a fused GroupQueryAttention export, and quantize()'s parity check drives "
+                         f"the dynamic graph's inputs; use edgelm.export.fused_graph.quantize_fused (as `edgelm "
+                         f"quantize` does), or pass check=False")
     settings = SCHEMES[scheme]
     unknown = set(options) - set(settings.options)
     if unknown:
@@ -561,14 +586,22 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
         runtime_options["calibration_reader"] = PrefillCalibrationReader(
             prompts, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
     if scheme == "int4":
-        _check_int4_method(merged)
+        _check_int4_options(merged)
         if merged["method"] == "gptq":
-            from edgelm.export.gptq import calibration_feeds, sample_sequences
+            from edgelm.export.gptq import (SAMPLE_TOKENS, calibration_feeds, check_calibration_export,
+                                            check_sequences, sample_sequences)
 
+            check_calibration_export(source)
+            max_positions = _max_positions(onnx_dir, source)
             sequences = calibration_sequences
             if sequences is None:
-                sequences = sample_sequences(onnx_dir, merged["calibration_samples"])
+                sequences = sample_sequences(onnx_dir, merged["calibration_samples"],
+                                             tokens=min(SAMPLE_TOKENS, max_positions or SAMPLE_TOKENS))
+            sequences = check_sequences(sequences, geometry.vocab_size, max_positions)
             runtime_options["calibration_feeds"] = calibration_feeds(source, sequences)
+    if calibration_sequences is not None and not (scheme == "int4" and merged["method"] == "gptq"):
+        log.warning("calibration_sequences are used by int4 with method 'gptq' only; %s ignores them",
+                    f"{scheme} with method {merged['method']!r}" if scheme == "int4" else scheme)
 
     with atomic_dir(out_dir) as tmp:
         for item in onnx_dir.iterdir():

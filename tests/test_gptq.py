@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 
 import numpy as np
 import onnx
@@ -125,6 +126,9 @@ def test_gptq_samples_its_own_calibration(fused_fp32, tmp_path):
     ({"method": "gptq", "symmetric": False}, "symmetric"),
     ({"method": "awq"}, "method='awq'"),
     ({"method": "gptq", "symmetric": True, "calibration_samples": 0}, "calibration_samples=0"),
+    ({"method": "gptq", "symmetric": True, "calibration_samples": 1.5}, "calibration_samples=1.5 must be an integer"),
+    ({"block_size": 48}, "block_size=48 is not supported"),
+    ({"block_size": 0}, "block_size=0 is not supported"),
 ])
 def test_bad_gptq_options_raise(fused_fp32, tmp_path, options, message):
     from edgelm.export.quantize import quantize
@@ -146,3 +150,63 @@ def test_gptq_on_dynamic_export(tiny_model_factory, tmp_path):
     assert manifest["quantization"]["fp32_matmul_nodes_left"] == 0
     assert manifest["quantization"]["matmul_nbits_nodes"] >= 7 * fp32["num_layers"]
     assert manifest["parity"]["top1_agreement"] >= 0.9
+
+
+@pytest.mark.parametrize("sequences, message", [
+    ([[1, 2, 49152]], "token id 49152, outside the vocabulary"),
+    ([[1, -5, 3]], "token id -5, outside the vocabulary"),
+    ([[1, 2, 3], []], "calibration sequence 1 is empty"),
+    ([list(range(600))], "600 tokens, more than the model's 512 positions"),
+])
+def test_bad_calibration_sequences_raise(fused_fp32, tmp_path, sequences, message):
+    from edgelm.export.quantize import quantize
+
+    with pytest.raises(ValueError, match=message):
+        quantize(fused_fp32[0], tmp_path / "out", "int4", check=False, symmetric=True, method="gptq",
+                 calibration_sequences=sequences)
+    assert not (tmp_path / "out").exists()
+
+
+def test_fixed_capacity_export_rejected_before_sampling(tiny_model_factory, tmp_path, monkeypatch):
+    import edgelm.export.gptq as gptq
+    from edgelm.export.kv_buffer import export_kv_buffer
+    from edgelm.export.quantize import quantize
+
+    export_kv_buffer(tiny_model_factory("llama"), tmp_path / "kvbuf")
+    monkeypatch.setattr(gptq, "sample_sequences", lambda *args, **kwargs: pytest.fail("sampled before the check"))
+    with pytest.raises(ValueError, match="not kv_cache 'buffer"):
+        quantize(tmp_path / "kvbuf", tmp_path / "out", "int4", check=False, symmetric=True, method="gptq")
+
+
+def test_quantize_into_source_folder_rejected(fused_fp32):
+    from edgelm.export.quantize import quantize
+
+    with pytest.raises(ValueError, match="is the fp32 export itself"):
+        quantize(fused_fp32[0], fused_fp32[0], "int4", check=False)
+
+
+def test_parity_check_on_fused_export_names_quantize_fused(fused_fp32, tmp_path):
+    from edgelm.export.quantize import quantize
+
+    with pytest.raises(ValueError, match="quantize_fused"):
+        quantize(fused_fp32[0], tmp_path / "out", "int4")
+
+
+def test_cli_quantizes_fused_export_with_gptq(fused_fp32, tmp_path, capsys):
+    from edgelm.cli import main
+
+    out = tmp_path / "gptq"
+    command = ["quantize", "--onnx", str(fused_fp32[0]), "--out", str(out), "--scheme", "int4", "--no-asymmetric",
+               "--block-size", "32", "--lm-head", "int4", "--method", "gptq", "--calibration-samples", "2"]
+    assert main(command) == 0
+    manifest = json.loads((out / "edgelm_export.json").read_text())
+    assert manifest["kv_cache"] == "gqa"
+    assert manifest["quantization"]["method"] == "gptq"
+    assert manifest["parity"]["reference"] == "onnx-fp32-fused"
+
+
+def test_cli_rejects_int8_on_fused_export(fused_fp32, tmp_path, caplog):
+    from edgelm.cli import main
+
+    assert main(["quantize", "--onnx", str(fused_fp32[0]), "--out", str(tmp_path / "x"), "--scheme", "int8"]) == 2
+    assert "use --scheme int4" in caplog.text
