@@ -332,8 +332,8 @@ class ExportConfig:
     int4_lm_head: str = "int8"
     """Precision of the LM head in the int4 variant: int4, int8 (MatMulNBits 8 bits) or fp32."""
     int4_method: str = "rtn"
-    """How int4 weights are rounded: rtn (to nearest) or gptq (edgelm.export.gptq; symmetric only,
-    calibrated on 32 sequences the model samples itself, a few minutes more)."""
+    """Rounding method for int4 weights: rtn (to nearest) or gptq (edgelm.export.gptq). gptq is
+    symmetric only and calibrates on 32 sequences the model samples itself, a few minutes more."""
     fused_int4: bool = True
     """Whether to also write export/fused-int4, the runtime's fastest CPU variant. It is the model
     rebuilt from onnxruntime's fused operators (GroupQueryAttention with the KV cache written in
