@@ -44,7 +44,7 @@ SAMPLE_TOKENS = 256
 
 
 def constant_matmuls(model: onnx.ModelProto, exclude: Sequence[str] = ()) -> list[onnx.NodeProto]:
-    """MatMul nodes whose second input is a 2-D initializer, minus the names in `exclude`."""
+    """Return the MatMul nodes whose second input is a 2-D initializer, except those named in `exclude`."""
     shapes = {tensor.name: tensor.dims for tensor in model.graph.initializer}
     return [node for node in model.graph.node
             if node.op_type == "MatMul" and len(shapes.get(node.input[1], ())) == 2 and node.name not in exclude]
@@ -134,7 +134,7 @@ def calibration_feeds(manifest: dict, sequences: Iterable[Sequence[int]]) -> Ite
 
 
 def _block_scale(block: np.ndarray, importance: np.ndarray) -> np.ndarray:
-    """Scale per output row of `block` [N, rows]: the candidate with the least importance-weighted error."""
+    """Choose the scale per output row of `block` [N, rows] with the least importance-weighted error."""
     largest = np.take_along_axis(block, np.abs(block).argmax(1)[:, None], 1)[:, 0]
     # The largest weight, with its sign, maps to code 0, which is -8 after the zero point of 8.
     # So all 16 levels are in use, as in onnxruntime's own symmetric rounding.

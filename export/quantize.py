@@ -506,6 +506,22 @@ def _check_int4_options(options: dict) -> None:
         raise ValueError(f"calibration_samples={options['calibration_samples']} must be at least 1 for method='gptq'")
 
 
+def _gptq_calibration_feeds(onnx_dir: Path, source: dict, samples: int, sequences=None):
+    """Return the GPTQ prefill feeds of the given sequences, or of `samples` sequences sampled from the export.
+
+    The export is checked before the sampling, so a wrong export fails in seconds, not minutes.
+    """
+    from edgelm.export.gptq import (SAMPLE_TOKENS, calibration_feeds, check_calibration_export, check_sequences,
+                                    sample_sequences)
+
+    check_calibration_export(source)
+    max_positions = _max_positions(onnx_dir, source)
+    if sequences is None:
+        sequences = sample_sequences(onnx_dir, samples, tokens=min(SAMPLE_TOKENS, max_positions or SAMPLE_TOKENS))
+    sequences = check_sequences(sequences, source["vocab_size"], max_positions)
+    return calibration_feeds(source, sequences)
+
+
 def _max_positions(onnx_dir: Path, manifest: dict) -> int | None:
     """Return the positions the export supports: the manifest's max_positions, else config.json's limit."""
     if manifest.get("max_positions"):
@@ -587,21 +603,12 @@ def quantize(onnx_dir: str | Path, out_dir: str | Path, scheme: str, check: bool
             prompts, geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
     if scheme == "int4":
         _check_int4_options(merged)
-        if merged["method"] == "gptq":
-            from edgelm.export.gptq import (SAMPLE_TOKENS, calibration_feeds, check_calibration_export,
-                                            check_sequences, sample_sequences)
-
-            check_calibration_export(source)
-            max_positions = _max_positions(onnx_dir, source)
-            sequences = calibration_sequences
-            if sequences is None:
-                sequences = sample_sequences(onnx_dir, merged["calibration_samples"],
-                                             tokens=min(SAMPLE_TOKENS, max_positions or SAMPLE_TOKENS))
-            sequences = check_sequences(sequences, geometry.vocab_size, max_positions)
-            runtime_options["calibration_feeds"] = calibration_feeds(source, sequences)
-    if calibration_sequences is not None and not (scheme == "int4" and merged["method"] == "gptq"):
-        log.warning("calibration_sequences are used by int4 with method 'gptq' only; %s ignores them",
-                    f"{scheme} with method {merged['method']!r}" if scheme == "int4" else scheme)
+    uses_gptq = scheme == "int4" and merged["method"] == "gptq"
+    if uses_gptq:
+        runtime_options["calibration_feeds"] = _gptq_calibration_feeds(onnx_dir, source, merged["calibration_samples"],
+                                                                       calibration_sequences)
+    elif calibration_sequences is not None:
+        log.warning("calibration_sequences are used by int4 with method 'gptq' only, so scheme %s ignores them", scheme)
 
     with atomic_dir(out_dir) as tmp:
         for item in onnx_dir.iterdir():
