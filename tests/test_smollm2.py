@@ -12,7 +12,8 @@ pytestmark = [pytest.mark.smollm2, requires_smollm2]
 def smollm2():
     from edgelm.train.models import load_model
 
-    return load_model(SMOLLM2_GGUF)
+    # Read from the GGUF file itself, whatever the cache contains.
+    return load_model(SMOLLM2_GGUF, cache=False)
 
 
 def test_gguf_loads_as_dequantized_llama(smollm2):
@@ -61,3 +62,28 @@ def test_save_and_reload_after_gguf_load(smollm2, tmp_path):
     assert reloaded_tokenizer.eos_token == "<|im_end|>"
     ids = torch.tensor([[1, 2, 3]])
     torch.testing.assert_close(reloaded(ids).logits, student(ids).logits)
+
+
+def test_cached_conversion_equals_gguf_load(smollm2, tmp_path, monkeypatch):
+    from edgelm.train.models import _write_gguf_cache, gguf_cache_folder, load_model, load_tokenizer, resolve_source
+    from edgelm.train.preflight import tokenizer_fingerprint
+    from edgelm.train.score import teacher_identity
+
+    model, tokenizer = smollm2
+    monkeypatch.setenv("EDGELM_CACHE_DIR", str(tmp_path))
+    folder = gguf_cache_folder(resolve_source(SMOLLM2_GGUF))
+    assert folder.parent == tmp_path / "gguf"
+    assert folder.name.startswith("SmolLM2-135M-Instruct.Q4_1-")
+    _write_gguf_cache(model, tokenizer, folder)
+
+    cached, cached_tokenizer = load_model(SMOLLM2_GGUF)
+    expected = model.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in cached.state_dict().items())
+    # The logit store keys on the teacher identity, so a cached load must not change it.
+    assert teacher_identity(SMOLLM2_GGUF, cached) == teacher_identity(SMOLLM2_GGUF, model)
+    assert tokenizer_fingerprint(cached_tokenizer) == tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(load_tokenizer(SMOLLM2_GGUF)) == tokenizer_fingerprint(tokenizer)
+    assert cached_tokenizer.chat_template == tokenizer.chat_template
+    assert cached.generation_config.eos_token_id == model.generation_config.eos_token_id == 2
+    bf16, _ = load_model(SMOLLM2_GGUF, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16

