@@ -198,6 +198,8 @@ class RolloutConfig:
     machine and an HF model folder; untested in edgelm's own test runs)."""
     chunk_rows: int = 256
     """Rows per chunk file written during generation; a killed run loses at most this many per process."""
+    precision: str = "fp32"
+    """Precision the student samples in: 'fp32', 'bf16' or 'fp16'."""
 
     def validate(self, key: str) -> None:
         _require(self.mode in ANSWER_MODES, f"{key}.mode", f"must be one of {ANSWER_MODES}, got {self.mode!r}")
@@ -209,6 +211,7 @@ class RolloutConfig:
         _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.engine in ROLLOUT_ENGINES, f"{key}.engine", f"must be one of {ROLLOUT_ENGINES}, got {self.engine!r}")
         _require(self.chunk_rows >= 1, f"{key}.chunk_rows", f"must be >= 1, got {self.chunk_rows}")
+        _require(self.precision in PRECISIONS, f"{key}.precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 @dataclass
@@ -222,6 +225,9 @@ class DistillConfig:
     """Teacher log-probabilities stored per token."""
     score_batch_size: int = 8
     """Sequences per teacher forward pass."""
+    score_precision: str = "fp32"
+    """Precision the teacher scores in: 'fp32', 'bf16' or 'fp16'. The logits are cast to fp32
+    before top-k and log-sum-exp."""
     loss: str = "forward_kl"
     """Divergence to the teacher: 'forward_kl', 'reverse_kl', 'jsd' (generalized JSD) or 'tv' (total variation)."""
     beta: float = 0.5
@@ -248,6 +254,8 @@ class DistillConfig:
         _require(0 < self.label_fraction < 1, f"{key}.label_fraction", f"must be in (0, 1), got {self.label_fraction}")
         _require(self.top_k >= 1, f"{key}.top_k", f"must be >= 1, got {self.top_k}")
         _require(self.score_batch_size >= 1, f"{key}.score_batch_size", f"must be >= 1, got {self.score_batch_size}")
+        _require(self.score_precision in PRECISIONS, f"{key}.score_precision",
+                 f"must be one of {PRECISIONS}, got {self.score_precision!r}")
         _require(self.loss in DISTILL_LOSSES, f"{key}.loss", f"must be one of {DISTILL_LOSSES}, got {self.loss!r}")
         _require(0 <= self.beta <= 1, f"{key}.beta", f"must be in [0, 1], got {self.beta}")
         _require(0 <= self.alpha <= 1, f"{key}.alpha", f"must be in [0, 1], got {self.alpha}")

@@ -146,7 +146,7 @@ def stage_rollout(run: Run) -> dict:
         mode=config.rollout.mode, samples_per_prompt=config.rollout.samples_per_prompt,
         max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
         top_p=config.rollout.top_p, batch_size=config.rollout.batch_size, seed=config.seed,
-        engine=config.rollout.engine, chunk_rows=config.rollout.chunk_rows,
+        engine=config.rollout.engine, chunk_rows=config.rollout.chunk_rows, precision=config.rollout.precision,
     )
     if labels:
         # Mixed mode scores and trains on both, so the reference answers go in the same rows file.
@@ -178,12 +178,12 @@ def scoring_teacher(run: Run) -> str:
 
 
 def stage_score(run: Run) -> dict:
-    from edgelm.train.models import load_model, load_tokenizer
+    from edgelm.train.models import load_model, load_tokenizer, precision_dtype
     from edgelm.train.score import check_teacher_and_student, score_rows, teacher_identity
 
     config = run.config
     source = scoring_teacher(run)
-    teacher, teacher_tokenizer = load_model(source)
+    teacher, teacher_tokenizer = load_model(source, dtype=precision_dtype(config.distill.score_precision))
     # The rows were tokenized by the student, so its tokenizer must be the teacher's.
     vocab_size = check_teacher_and_student(
         teacher, teacher_tokenizer, load_tokenizer(str(run.sft_final)), str(run.sft_final)

@@ -11,6 +11,15 @@ on the answer tokens only in both; compared in training tokens per second.
 
 Each method runs in its own Python process, so peak memory (VmHWM) is that method's alone.
 
+`--precision bf16` runs both methods in bf16 as each would be set up for it. edgelm samples and
+scores with the models loaded in bf16 and trains under bf16 autocast. TRL trains under bf16
+autocast (`bf16=True`) with the teacher loaded in bf16; GKDTrainer samples with the training
+model itself, so its generation keeps the fp32 weights.
+
+The TRL worker also times GKDTrainer's generation and teacher forward passes, so the output
+shows how much of its time goes to each. edgelm must still train the student, so TRL's total
+over edgelm's training time bounds the ratio that any rollout and scoring speed-up can reach.
+
     python benchmarks/distill_vs_trl.py                     # uses runs/default when it exists
     python benchmarks/distill_vs_trl.py --records 32 --only distill
 """
@@ -72,6 +81,8 @@ def edgelm_distill(args) -> dict:
         f"rollout.records={args.records}", f"rollout.batch_size={args.rollout_batch_size}",
         f"rollout.max_new_tokens={args.max_new_tokens}", f"rollout.temperature={args.temperature}",
         f"distill.batch_size={args.batch_size}", f"distill.top_k={args.top_k}", f"distill.epochs={args.epochs}",
+        f"rollout.precision={args.precision}", f"distill.score_precision={args.precision}",
+        f"distill.precision={args.precision}",
     ])
     run.sft_final.parent.mkdir(parents=True, exist_ok=True)
     run.sft_final.symlink_to(Path(args.student).resolve())
@@ -86,18 +97,33 @@ def edgelm_distill(args) -> dict:
             "final_loss": metrics["train"].get("final_loss")}
 
 
+def timed(function, totals: dict, name: str):
+    """Return `function` wrapped so that each call adds its seconds to totals[name]."""
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
+
+    return wrapper
+
+
 def trl_distill(args) -> dict:
     import torch
     from datasets import Dataset
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     from edgelm.train.chat import prompt_messages, target_text
-    from edgelm.train.models import load_model
+    from edgelm.train.models import load_model, precision_dtype
 
     # Timed from loading the models to saving the trained student, as edgelm's stages are.
     start = time.perf_counter()
     student, tokenizer = load_model(args.student)
-    teacher, _ = load_model(args.teacher)
+    teacher, _ = load_model(args.teacher, dtype=precision_dtype(args.precision))
+    parts: dict[str, float] = {}
+    teacher.forward = timed(teacher.forward, parts, "teacher")
     mode = "fast"
     rows = [{"messages": prompt_messages(r, mode) + [{"role": "assistant", "content": target_text(r, mode)}]}
             for r in gsm8k_records(args)]
@@ -108,13 +134,20 @@ def trl_distill(args) -> dict:
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
         # TRL turns gradient checkpointing on by default, which also turns the KV cache off while the
         # student generates. edgelm uses neither, so the default comparison is without it.
-        gradient_checkpointing=args.trl_gradient_checkpointing,
+        gradient_checkpointing=args.trl_gradient_checkpointing, bf16=args.precision == "bf16",
     )
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
+    trainer.generate_on_policy_outputs = timed(trainer.generate_on_policy_outputs, parts, "generate")
+    train_start = time.perf_counter()
     result = trainer.train()
+    train_seconds = time.perf_counter() - train_start
     trainer.save_model(str(Path(args.workdir) / "final"))
-    return {"seconds": time.perf_counter() - start, "updates": result.global_step, "final_loss": result.training_loss}
+    seconds = time.perf_counter() - start
+    stage_seconds = {"load and save": seconds - train_seconds, **parts,
+                     "student steps": train_seconds - sum(parts.values())}
+    return {"seconds": seconds, "stage_seconds": stage_seconds, "updates": result.global_step,
+            "final_loss": result.training_loss}
 
 
 def edgelm_sft(args) -> dict:
@@ -187,7 +220,8 @@ def run_worker(name: str, args) -> dict:
                    "--student", args.student, "--data", args.data, "--records", str(args.records),
                    "--batch-size", str(args.batch_size), "--rollout-batch-size", str(args.rollout_batch_size),
                    "--max-new-tokens", str(args.max_new_tokens), "--max-length", str(args.max_length),
-                   "--top-k", str(args.top_k), "--temperature", str(args.temperature), "--epochs", str(args.epochs)]
+                   "--top-k", str(args.top_k), "--temperature", str(args.temperature), "--epochs", str(args.epochs),
+                   "--precision", args.precision]
         command += ["--trl-gradient-checkpointing"] if args.trl_gradient_checkpointing else []
         print(f"running {name} ...", file=sys.stderr, flush=True)
         output = subprocess.run(command, check=True, stdout=subprocess.PIPE, text=True).stdout
@@ -214,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.7, help="sampling temperature of the student")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default gradient checkpointing (slower; generation then runs without KV cache)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="precision of both distillation runs (see the module docstring for what each sets)")
     parser.add_argument("--only", choices=["distill", "sft"], help="run one comparison")
     parser.add_argument("--cache", default=str(REPO / "runs" / "bench-cache"), help="folder for a built student")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -230,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
 
     default_models(args)
     print(f"teacher: {args.teacher}\nstudent: {args.student}\nrecords: {args.records}, batch {args.batch_size}, "
-          f"distillation epochs {args.epochs}")
+          f"distillation epochs {args.epochs}, precision {args.precision}")
     pairs = {"distill": ("edgelm-distill", "trl-gkd"), "sft": ("edgelm-sft", "trl-sft")}
     summary = {}
     for comparison, (ours, theirs) in pairs.items():
@@ -247,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         if comparison == "distill":
             print(f"  end-to-end time ratio {theirs}/{ours}: {b['seconds'] / a['seconds']:.2f}x; "
                   f"peak memory ratio: {b['peak_rss_mb'] / a['peak_rss_mb']:.2f}x")
-            print(f"  edgelm stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in a["stage_seconds"].items()))
+            for name, r in ((ours, a), (theirs, b)):
+                print(f"  {name} parts (s): " + ", ".join(f"{k} {v:.1f}" for k, v in r["stage_seconds"].items()))
+            print(f"  {theirs} total / {ours} training: {b['seconds'] / a['stage_seconds']['train']:.2f}x "
+                  f"(the ratio edgelm would reach if rollout and scoring took no time)")
         else:
             print(f"  tokens/s ratio {ours}/{theirs}: {a['tokens_per_second'] / b['tokens_per_second']:.2f}x")
     print(json.dumps(summary))

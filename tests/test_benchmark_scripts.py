@@ -1,4 +1,4 @@
-"""Tests for the result merging in benchmarks/runtime_vs_baselines.py (no models are built)."""
+"""Tests for the helpers of the benchmark scripts under benchmarks/ (no models are built)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,19 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "runtime_vs_baselines.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("runtime_vs_baselines", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("runtime_vs_baselines")
 
 
 def result(name: str, tokens_per_s: float, rss: float = 200.0) -> dict:
@@ -66,3 +70,21 @@ def test_format_ratios_skips_missing_targets(script):
     assert "edgelm-int4-gqa / genai-int4 decode tokens/s (prompt 128, new 128): 1.00" in text
     assert "llamacpp" not in text
     assert "peak RSS - model file (prompt 128): 150 MB" in text
+
+
+def test_timed_adds_seconds_per_name():
+    timed = load_script("distill_vs_trl").timed
+    totals = {}
+    double = timed(lambda x: 2 * x, totals, "double")
+    assert double(3) == 6
+    assert double(4) == 8
+    assert set(totals) == {"double"}
+    assert totals["double"] >= 0
+
+
+def test_timed_counts_failed_calls():
+    timed = load_script("distill_vs_trl").timed
+    totals = {}
+    with pytest.raises(ZeroDivisionError):
+        timed(lambda: 1 / 0, totals, "fails")()
+    assert "fails" in totals

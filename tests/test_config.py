@@ -28,6 +28,8 @@ def test_default_yaml_matches_dataclass_defaults():
     ("ascend:\n  soc_version: Foo123\n", "ascend.soc_version: must be one of"),
     ("export:\n  int4_method: awq\n", "export.int4_method: must be 'rtn' or 'gptq'"),
     ("export:\n  int4_method: gptq\n", "export.int4_method: gptq writes symmetric int4 only"),
+    ("rollout:\n  precision: int8\n", "rollout.precision: must be one of"),
+    ("distill:\n  score_precision: fp8\n", "distill.score_precision: must be one of"),
 ])
 def test_invalid_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as error:

@@ -199,6 +199,18 @@ def test_writer_rejects_other_teacher(tmp_path):
         LogitStoreWriter(tmp_path, 16, VOCAB, TEACHER)
 
 
+def test_writer_accepts_other_path_spelling(tmp_path):
+    write_rows(tmp_path, range(1))
+    # The same weights under another spelling of the path: only the hash after "@" is compared.
+    with LogitStoreWriter(tmp_path, TOP_K, VOCAB, "./tiny-teacher/@abc123") as writer:
+        writer.add("row-1/0", *make_row(1))
+    store = LogitStore(tmp_path)
+    assert len(store) == 2
+    assert store.teacher_id == TEACHER
+    with pytest.raises(ValueError, match="tiny-teacher@abc124"):
+        LogitStoreWriter(tmp_path, TOP_K, VOCAB, "tiny-teacher@abc124")
+
+
 def test_changed_sequence_raises_with_row_name(tmp_path):
     write_rows(tmp_path, range(2))
     input_ids = make_row(1)[0]

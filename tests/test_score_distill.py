@@ -111,7 +111,8 @@ def test_rollout_samples_chunks_and_resumes(tiny_model_dir, tmp_path, caplog):
     checkpoint = rows[0]["checkpoint"]
     assert checkpoint.startswith(f"{tiny_model_dir}@")
     assert len(checkpoint.split("@")[1]) == 12
-    assert rows[0]["sampling"] == {"engine": "hf", "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 4, "seed": 0}
+    assert rows[0]["sampling"] == {"engine": "hf", "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 4, "seed": 0,
+                                   "precision": "fp32"}
     assert all(1 <= len(row["response_ids"]) <= 4 for row in rows)
 
     # A re-run with one more record generates only its two samples.
@@ -127,6 +128,17 @@ def test_rollout_samples_chunks_and_resumes(tiny_model_dir, tmp_path, caplog):
         stats = rollout(str(tiny_model_dir), records[:1], out, mode="fast", max_new_tokens=4, temperature=0.0)
     assert stats["generated_rows"] == 1
     assert "other settings" in caplog.text
+
+    # Nor does another precision.
+    stats = rollout(str(tiny_model_dir), records[:1], out, mode="fast", max_new_tokens=4, temperature=0.0,
+                    precision="bf16")
+    assert stats["generated_rows"] == 1
+    assert read_jsonl(out)[0]["sampling"]["precision"] == "bf16"
+
+
+def test_rollout_rejects_unknown_precision(tiny_model_dir, tmp_path):
+    with pytest.raises(ValueError, match="precision='int8'"):
+        rollout(str(tiny_model_dir), [], tmp_path / "rows.jsonl", mode="fast", precision="int8")
 
 
 def test_rollout_reads_complete_chunks_after_kill(tiny_model_dir, tmp_path):
@@ -198,6 +210,35 @@ def test_score_rows_stores_teacher_topk(student_and_teacher, tmp_path):
         assert np.all(np.abs(targets.topk_logprobs - values.numpy()) <= np.abs(values.numpy()) * 2**-11 + 1e-4)
         tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), -1).numpy()
         assert np.all(np.abs(targets.tail_logprob - tail) <= np.abs(tail) * 2**-11 + 1e-5)
+
+
+def test_teacher_identity_ignores_path_spelling(student_and_teacher, monkeypatch):
+    _, teacher, _, teacher_dir = student_and_teacher
+    monkeypatch.chdir(teacher_dir.parent)
+    relative, _ = load_model(teacher_dir.name)
+    absolute_id = teacher_identity(str(teacher_dir), teacher)
+    relative_id = teacher_identity(teacher_dir.name, relative)
+    assert absolute_id.split("@")[1] == relative_id.split("@")[1]
+
+
+def test_score_rows_in_bf16(student_and_teacher, tmp_path):
+    _, teacher, tokenizer, teacher_dir = student_and_teacher
+    rows = make_rows(tokenizer)
+    bf16_teacher, _ = load_model(str(teacher_dir), dtype=torch.bfloat16)
+    bf16_id = teacher_identity(str(teacher_dir), bf16_teacher)
+    # The precision is part of the teacher identity, so one store never mixes the two.
+    assert bf16_id != teacher_identity(str(teacher_dir), teacher)
+    score_rows(bf16_teacher, rows, tmp_path / "bf16", top_k=8, teacher_id=bf16_id)
+    score_rows(teacher, rows, tmp_path / "fp32", top_k=8, teacher_id="fp32")
+
+    bf16_store, fp32_store = LogitStore(tmp_path / "bf16"), LogitStore(tmp_path / "fp32")
+    for row in rows:
+        low, full = bf16_store.get(row_key(row)), fp32_store.get(row_key(row))
+        np.testing.assert_allclose(low.logsumexp, full.logsumexp, atol=0.05)
+        # A tiny random model's distribution is nearly flat, so only the top value is compared.
+        np.testing.assert_allclose(low.topk_logprobs[:, 0], full.topk_logprobs[:, 0], atol=0.05)
+    with pytest.raises(ValueError, match="precision it scores in"):
+        score_rows(teacher, rows, tmp_path / "bf16", top_k=8, teacher_id="fp32")
 
 
 def test_padding_fraction_drops_when_sorted(student_and_teacher, tmp_path):

@@ -180,6 +180,16 @@ def _header(top_k: int, vocab_size: int, teacher_id: str, tokenizer: dict | None
     }
 
 
+def _teacher_digest(teacher_id: str | None) -> str | None:
+    """Return the part of a teacher id after its last "@" (the weights and config hash), or the whole id.
+
+    Two spellings of one teacher path ("runs/a/teacher" and "./runs/a/teacher") then compare equal.
+    """
+    if teacher_id is None or "@" not in teacher_id:
+        return teacher_id
+    return teacher_id.rsplit("@", 1)[1]
+
+
 class LogitStoreWriter:
     """Append rows of teacher targets to a store, resuming an existing one.
 
@@ -239,9 +249,11 @@ class LogitStoreWriter:
     def _check_compatible(self, header: dict) -> None:
         stored = {name: header.get(name) for name in ("top_k", "vocab_size", "teacher_id")}
         requested = {"top_k": self.top_k, "vocab_size": self.vocab_size, "teacher_id": self.teacher_id}
-        if stored != requested:
+        same_teacher = _teacher_digest(stored["teacher_id"]) == _teacher_digest(self.teacher_id)
+        if not same_teacher or stored["top_k"] != self.top_k or stored["vocab_size"] != self.vocab_size:
             raise ValueError(
-                f"logit store {self.out_dir} was written with {stored}, but this writer uses {requested}; "
+                f"logit store {self.out_dir} was written with {stored}, but this writer uses {requested} "
+                f"(the teacher id changes with the teacher's weights, config and the precision it scores in); "
                 f"score into a new folder or delete the old store"
             )
 

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 PACKAGE_PREFIX = "pkg:"
 # The folder of edgelm's cache, or "off" to load GGUF files without it.
 CACHE_ENV = "EDGELM_CACHE_DIR"
+# Config precision names and the torch dtypes that rollout and scoring load models in.
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,13 @@ def fix_special_tokens(tokenizer: PreTrainedTokenizerBase, model: PreTrainedMode
             model.generation_config.eos_token_id = eot_id
             model.generation_config.pad_token_id = tokenizer.pad_token_id
     return eot_id
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """Return the torch dtype of a precision name ("fp32", "bf16" or "fp16")."""
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision={precision!r} is not one of {tuple(PRECISION_DTYPES)}")
+    return PRECISION_DTYPES[precision]
 
 
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:

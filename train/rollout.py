@@ -30,12 +30,14 @@ from tqdm import tqdm
 from edgelm.files import read_jsonl, write_jsonl
 from edgelm.train.chat import prompt_ids, target_text
 from edgelm.train.distributed import ProcessInfo, barrier, gather_objects, process_info, shard_for_rank
-from edgelm.train.models import load_model, load_tokenizer, resolve_source
+from edgelm.train.models import load_model, load_tokenizer, precision_dtype, resolve_source
 from edgelm.train.preflight import check_sequence_lengths, checkpoint_hash, max_positions
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("hf", "vllm")
+# vLLM's names for the precisions.
+VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # Fields every row of a rollouts file has, and what to pass instead of another kind of file.
 ROW_FIELDS = ("id", "sample", "prompt_ids", "response_ids")
@@ -78,7 +80,10 @@ def generate_batch(model, tokenizer, prompts: list[list[int]], *, max_new_tokens
     return results
 
 
-def generate_vllm(model_source: str, prompts: list[list[int]], *, eos_id: int, max_new_tokens: int, temperature: float, top_p: float, seed: int) -> list[tuple[list[int], bool]]:
+def generate_vllm(
+    model_source: str, prompts: list[list[int]], *, eos_id: int, max_new_tokens: int, temperature: float, top_p: float,
+    seed: int, precision: str = "fp32",
+) -> list[tuple[list[int], bool]]:
     """Generate with vLLM; return (response ids, finished) per prompt, like generate_batch.
 
     NOTE: written against vLLM's LLM.generate with TokensPrompt inputs, but never run here
@@ -95,7 +100,7 @@ def generate_vllm(model_source: str, prompts: list[list[int]], *, eos_id: int, m
     source = resolve_source(model_source)
     if source.gguf_file:
         raise ValueError(f"rollout.engine 'vllm' needs a Hugging Face model folder, got the GGUF file {model_source}")
-    llm = LLM(model=source.location, seed=seed)
+    llm = LLM(model=source.location, seed=seed, dtype=VLLM_DTYPES[precision])
     params = [
         SamplingParams(
             n=1, temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens,
@@ -168,13 +173,16 @@ def rollout(
     seed: int = 0,
     engine: str = "hf",
     chunk_rows: int = 256,
+    precision: str = "fp32",
     process: ProcessInfo | None = None,
 ) -> dict:
     """Have the model at `model_source` answer each record's prompt `samples_per_prompt` times; write rows to `out_path`.
 
     Rows already written by the same checkpoint are kept and not generated again. `engine` is
     "hf" (transformers generate, batched, left-padded, KV cache) or "vllm". `process` defaults to
-    the launched process (process_info()).
+    the launched process (process_info()). `precision` ("fp32", "bf16" or "fp16") is the dtype the
+    model samples in. It is part of each row's sampling settings, so rows sampled at another
+    precision are generated again.
 
     Returns stats: rows, generated_rows, reused_rows, finished_fraction, new_tokens (generated
     in this call), seconds, tokens_per_second, processes and checkpoint.
@@ -183,10 +191,14 @@ def rollout(
         raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
+    precision_dtype(precision)
     process = process or process_info()
     out_path = Path(out_path)
     checkpoint = checkpoint_id(model_source)
-    sampling = {"engine": engine, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed}
+    sampling = {
+        "engine": engine, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens, "seed": seed,
+        "precision": precision,
+    }
     origin = {"checkpoint": checkpoint, "mode": mode, "sampling": sampling}
     wanted = {(record["id"], sample) for record in records for sample in range(samples_per_prompt)}
     done = _existing_rows(out_path, origin, wanted)
@@ -254,10 +266,11 @@ def _generate_rows(
         outputs = generate_vllm(
             model_source, [ids for _, _, ids in jobs], eos_id=tokenizer.eos_token_id,
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            precision=sampling["precision"],
         )
         batches = [(jobs, outputs)]
     else:
-        model, tokenizer = load_model(model_source)
+        model, tokenizer = load_model(model_source, dtype=precision_dtype(sampling["precision"]))
         model.to(process.device).eval()
         longest = max(len(ids) for _, _, ids in jobs) + max_new_tokens
         check_sequence_lengths([("longest prompt + max_new_tokens", longest)], max_positions(model), "student")

@@ -12,6 +12,7 @@ list and writes its own shards. Process 0 merges the manifests after a barrier.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -63,10 +64,12 @@ def teacher_identity(source: str, model: PreTrainedModel) -> str:
 
     The store records this string, so a store scored by another teacher (or by the same folder
     after it was retrained, as teacher adaptation does) is not resumed by mistake. For a hub id
-    the weights are not hashed, only the id and the config.
+    the weights are not hashed, only the id and the config. The config's `_name_or_path` is left
+    out, so the hash does not depend on how the path to the teacher was written.
     """
-    config_json = model.config.to_json_string(use_diff=False)
-    digest = hashlib.sha256(config_json.encode())
+    config = json.loads(model.config.to_json_string(use_diff=False))
+    config.pop("_name_or_path", None)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     digest.update(checkpoint_hash(source).encode())
     return f"{source}@{digest.hexdigest()[:12]}"
 
