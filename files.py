@@ -45,6 +45,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def set_folder_permissions(folder: Path) -> None:
+    """Give a folder made by mkdtemp, and its 0600 files, the permissions that mkdir and open() would."""
+    _set_default_permissions(folder, is_dir=True)
+    # onnx and safetensors write some files as 0600, like mkstemp; give those the usual permissions.
+    for item in folder.rglob("*"):
+        if item.is_file() and not item.is_symlink() and item.stat().st_mode & 0o777 == 0o600:
+            _set_default_permissions(item, is_dir=False)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to `path`; replace `path` with it when the block succeeds.
@@ -60,11 +69,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp_path = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp_path
-        _set_default_permissions(tmp_path, is_dir=True)
-        # onnx writes external data files as 0600, like mkstemp; give those the usual permissions.
-        for item in tmp_path.rglob("*"):
-            if item.is_file() and not item.is_symlink() and item.stat().st_mode & 0o777 == 0o600:
-                _set_default_permissions(item, is_dir=False)
+        set_folder_permissions(tmp_path)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

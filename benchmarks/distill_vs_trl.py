@@ -13,11 +13,13 @@ Each method runs in its own Python process, so peak memory (VmHWM) is that metho
 
 `--precision bf16` runs both methods in bf16 as each would be set up for it. edgelm samples and
 scores with the models loaded in bf16 and trains under bf16 autocast. TRL trains under bf16
-autocast (`bf16=True`) with the teacher loaded in bf16; GKDTrainer samples with the training
-model itself, so its generation keeps the fp32 weights.
+autocast (`bf16=True`) with the teacher loaded in bf16. GKDTrainer samples with the training
+model itself, whose weights stay fp32, so its generation runs under autocast and casts the
+weights to bf16 at every decode step.
 
 The TRL worker also times GKDTrainer's generation and teacher forward passes, so the output
-shows how much of its time goes to each. edgelm must still train the student, so TRL's total
+shows how much of its time goes to each. In bf16, accelerate casts the teacher's logits to fp32
+outside the timed call, so that cast counts as part of the student steps. edgelm must still train the student, so TRL's total
 over edgelm's training time bounds the ratio that any rollout and scoring speed-up can reach.
 
     python benchmarks/distill_vs_trl.py                     # uses runs/default when it exists
@@ -97,14 +99,20 @@ def edgelm_distill(args) -> dict:
             "final_loss": metrics["train"].get("final_loss")}
 
 
-def timed(function, totals: dict, name: str):
-    """Return `function` wrapped so that each call adds its seconds to totals[name]."""
+def timed(function, totals: dict, name: str, sync=None):
+    """Return `function` wrapped so that each call adds its seconds to totals[name].
+
+    `sync` (torch.cuda.synchronize on a GPU) runs before the clock is read, so that queued
+    kernels count towards the call that launched them.
+    """
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return function(*args, **kwargs)
         finally:
+            if sync is not None:
+                sync()
             totals[name] = totals.get(name, 0.0) + time.perf_counter() - start
 
     return wrapper
@@ -123,7 +131,8 @@ def trl_distill(args) -> dict:
     student, tokenizer = load_model(args.student)
     teacher, _ = load_model(args.teacher, dtype=precision_dtype(args.precision))
     parts: dict[str, float] = {}
-    teacher.forward = timed(teacher.forward, parts, "teacher")
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+    teacher.forward = timed(teacher.forward, parts, "teacher", sync)
     mode = "fast"
     rows = [{"messages": prompt_messages(r, mode) + [{"role": "assistant", "content": target_text(r, mode)}]}
             for r in gsm8k_records(args)]
@@ -138,7 +147,7 @@ def trl_distill(args) -> dict:
     )
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=config, train_dataset=Dataset.from_list(rows),
                          processing_class=tokenizer)
-    trainer.generate_on_policy_outputs = timed(trainer.generate_on_policy_outputs, parts, "generate")
+    trainer.generate_on_policy_outputs = timed(trainer.generate_on_policy_outputs, parts, "generate", sync)
     train_start = time.perf_counter()
     result = trainer.train()
     train_seconds = time.perf_counter() - train_start

@@ -8,6 +8,7 @@ networks stay small enough for 2 CPU cores.
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def gguf_cache(tmp_path_factory) -> Path:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EDGELM_CACHE_DIR", str(folder))
         yield folder
+    # pytest keeps the last three sessions' folders, and each converted model is about 0.5 GB.
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

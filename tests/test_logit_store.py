@@ -209,6 +209,9 @@ def test_writer_accepts_other_path_spelling(tmp_path):
     assert store.teacher_id == TEACHER
     with pytest.raises(ValueError, match="tiny-teacher@abc124"):
         LogitStoreWriter(tmp_path, TOP_K, VOCAB, "tiny-teacher@abc124")
+    # An id without "@" is compared whole, never with the other id's hash.
+    with pytest.raises(ValueError, match="'abc123'"):
+        LogitStoreWriter(tmp_path, TOP_K, VOCAB, "abc123")
 
 
 def test_changed_sequence_raises_with_row_name(tmp_path):

@@ -90,6 +90,30 @@ def test_cache_write_keeps_first_copy(tiny_model_dir, tmp_path):
     assert sorted(path.name for path in folder.parent.iterdir()) == ["tiny"]
 
 
+def test_failed_cache_save_only_logs(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    model, tokenizer = load_model(str(tiny_model_dir))
+
+    def disk_full(*args, **kwargs):
+        raise RuntimeError("I/O error: File too large")
+
+    monkeypatch.setattr(model, "save_pretrained", disk_full)
+    _write_gguf_cache(model, tokenizer, tmp_path / "gguf" / "tiny")
+    assert "File too large" in caplog.text
+    assert list((tmp_path / "gguf").iterdir()) == []
+
+
+def test_damaged_cache_falls_back_to_source(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    import edgelm.train.models as models
+
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{not json")
+    monkeypatch.setattr(models, "gguf_cache_folder", lambda source: damaged)
+    model, _ = load_model(str(tiny_model_dir))
+    assert model.config.num_hidden_layers == 2
+    assert "Delete that folder" in caplog.text
+
+
 def test_unwritable_cache_only_logs(tiny_model_dir, tmp_path, caplog):
     model, tokenizer = load_model(str(tiny_model_dir))
     (tmp_path / "file").write_text("not a folder")

@@ -180,14 +180,14 @@ def _header(top_k: int, vocab_size: int, teacher_id: str, tokenizer: dict | None
     }
 
 
-def _teacher_digest(teacher_id: str | None) -> str | None:
-    """Return the part of a teacher id after its last "@" (the weights and config hash), or the whole id.
+def _same_teacher(stored: str | None, requested: str) -> bool:
+    """Return True when two teacher ids name one teacher: equal hashes after "@", or equal strings.
 
     Two spellings of one teacher path ("runs/a/teacher" and "./runs/a/teacher") then compare equal.
     """
-    if teacher_id is None or "@" not in teacher_id:
-        return teacher_id
-    return teacher_id.rsplit("@", 1)[1]
+    if stored is None or "@" not in stored or "@" not in requested:
+        return stored == requested
+    return stored.rsplit("@", 1)[1] == requested.rsplit("@", 1)[1]
 
 
 class LogitStoreWriter:
@@ -249,7 +249,7 @@ class LogitStoreWriter:
     def _check_compatible(self, header: dict) -> None:
         stored = {name: header.get(name) for name in ("top_k", "vocab_size", "teacher_id")}
         requested = {"top_k": self.top_k, "vocab_size": self.vocab_size, "teacher_id": self.teacher_id}
-        same_teacher = _teacher_digest(stored["teacher_id"]) == _teacher_digest(self.teacher_id)
+        same_teacher = _same_teacher(stored["teacher_id"], self.teacher_id)
         if not same_teacher or stored["top_k"] != self.top_k or stored["vocab_size"] != self.vocab_size:
             raise ValueError(
                 f"logit store {self.out_dir} was written with {stored}, but this writer uses {requested} "

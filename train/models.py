@@ -16,11 +16,13 @@ keyed by the SHA-256 of the GGUF file, and later loads read that folder (under a
 from __future__ import annotations
 
 import copy
+import importlib.metadata
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,13 +30,17 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from edgelm.files import atomic_dir, sha256_of_files
+from edgelm.files import atomic_dir, set_folder_permissions, sha256_of_files
 
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "pkg:"
 # The folder of edgelm's cache, or "off" to load GGUF files without it.
 CACHE_ENV = "EDGELM_CACHE_DIR"
+# Raised when the converted folder's layout changes, so older cache folders are not read.
+CACHE_FORMAT = 1
+# A temporary cache folder older than this belongs to a killed process.
+STALE_TEMP_SECONDS = 3600
 # Config precision names and the torch dtypes that rollout and scoring load models in.
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -125,7 +131,7 @@ def precision_dtype(precision: str) -> torch.dtype:
 def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     source = resolve_source(spec)
     cached = gguf_cache_folder(source)
-    if cached is not None and (cached / "config.json").is_file():
+    if _is_cached(cached):
         source = ModelSource(str(cached))
     tokenizer = AutoTokenizer.from_pretrained(source.location, **source.from_pretrained_kwargs())
     fix_special_tokens(tokenizer)
@@ -142,12 +148,17 @@ def load_model(
     """
     source = resolve_source(spec)
     cached = gguf_cache_folder(source) if cache else None
-    if cached is not None and (cached / "config.json").is_file():
-        model, tokenizer = _load_folder(ModelSource(str(cached)), dtype)
-        # A GGUF load names the GGUF's folder in the config. Keep that name, because the teacher
-        # identity in a logit store is read from the config and must not depend on the cache.
-        model.config._name_or_path = source.location
-        return model, tokenizer
+    if _is_cached(cached):
+        try:
+            model, tokenizer = _load_folder(ModelSource(str(cached)), dtype)
+        except Exception as error:  # a damaged cache must not stop the load
+            log.warning("cannot load the cached GGUF conversion %s (%s); loading the GGUF file instead. "
+                        "Delete that folder to convert it again", cached, error)
+        else:
+            # A GGUF load names the GGUF's folder in the config. Keep that name for anything that
+            # reads it, so a cached model looks like a converted one.
+            model.config._name_or_path = source.location
+            return model, tokenizer
     model, tokenizer = _load_folder(source, dtype)
     if cached is not None and dtype == torch.float32:
         _write_gguf_cache(model, tokenizer, cached)
@@ -188,7 +199,19 @@ def gguf_cache_folder(source: ModelSource) -> Path | None:
         return None
     gguf = Path(source.location) / source.gguf_file
     digest = sha256_of_files([gguf])[:16]
-    return root / "gguf" / f"{gguf.stem}-{digest}-transformers-{transformers.__version__}"
+    versions = f"transformers-{transformers.__version__}-gguf-{importlib.metadata.version('gguf')}-v{CACHE_FORMAT}"
+    return root / "gguf" / f"{gguf.stem}-{digest}-{versions}"
+
+
+def _is_cached(folder: Path | None) -> bool:
+    """Return True when `folder` is a complete cache folder; an unreadable one counts as missing."""
+    if folder is None:
+        return False
+    try:
+        return (folder / "config.json").is_file()
+    except OSError as error:
+        log.warning("cannot read edgelm's GGUF cache at %s (%s); loading the GGUF file instead", folder, error)
+        return False
 
 
 def _write_gguf_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
@@ -196,10 +219,14 @@ def _write_gguf_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
     The folder appears whole or not at all: the files go to a temporary folder that is renamed.
     When several launched processes convert the same file, one rename succeeds and the others
-    drop their copies, so no process reads a folder while another replaces it.
+    drop their copies, so no process reads a folder while another replaces it. Temporary
+    folders older than an hour are removed first, since they belong to killed processes.
     """
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
+        for leftover in folder.parent.glob(f".{folder.name}.*.tmp"):
+            if time.time() - leftover.stat().st_mtime > STALE_TEMP_SECONDS:
+                shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     except OSError as error:
         log.warning("cannot write edgelm's GGUF cache at %s (%s); set %s to a writable folder, or to off",
@@ -208,10 +235,11 @@ def _write_gguf_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        set_folder_permissions(tmp)
         os.rename(tmp, folder)
         log.info("cached the converted GGUF model at %s", folder)
-    except OSError as error:
-        if not (folder / "config.json").is_file():
+    except Exception as error:  # safetensors raises its own error type on a full disk
+        if not _is_cached(folder):
             log.warning("cannot write edgelm's GGUF cache at %s (%s); set %s to a writable folder, or to off",
                         folder, error, CACHE_ENV)
     finally:

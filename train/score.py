@@ -64,11 +64,13 @@ def teacher_identity(source: str, model: PreTrainedModel) -> str:
 
     The store records this string, so a store scored by another teacher (or by the same folder
     after it was retrained, as teacher adaptation does) is not resumed by mistake. For a hub id
-    the weights are not hashed, only the id and the config. The config's `_name_or_path` is left
-    out, so the hash does not depend on how the path to the teacher was written.
+    the weights are not hashed, only the id and the config. The config's `_name_or_path` and
+    `architectures` are left out: the first depends on how the path to the teacher was written,
+    and save_pretrained fills in the second, which a GGUF load leaves empty.
     """
     config = json.loads(model.config.to_json_string(use_diff=False))
     config.pop("_name_or_path", None)
+    config.pop("architectures", None)
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     digest.update(checkpoint_hash(source).encode())
     return f"{source}@{digest.hexdigest()[:12]}"
