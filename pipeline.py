@@ -396,7 +396,8 @@ def first_stage_reading(key: str, names: list[str]) -> str:
     """Return the earliest stage whose output depends on config `key` (dotted)."""
     section, _, field = key.partition(".")
     if section == "distill":
-        stage = {"targets": "rollout", "top_k": "score", "score_batch_size": "score"}.get(field, "distill")
+        stage = {"targets": "rollout", "top_k": "score", "score_batch_size": "score",
+                 "score_precision": "score"}.get(field, "distill")
     elif section == "export" and (field == "quantize" or field.startswith(("int4_", "fused_", "calibration_"))):
         stage = "quantize"
     elif section == "export" and field.startswith("sample_"):

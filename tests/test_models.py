@@ -10,6 +10,7 @@ from edgelm.train.models import (
     gguf_cache_folder,
     kept_layer_indices,
     load_model,
+    load_tokenizer,
     make_student,
     resolve_source,
     save_model,
@@ -111,6 +112,10 @@ def test_damaged_cache_falls_back_to_source(tiny_model_dir, tmp_path, caplog, mo
     monkeypatch.setattr(models, "gguf_cache_folder", lambda source: damaged)
     model, _ = load_model(str(tiny_model_dir))
     assert model.config.num_hidden_layers == 2
+    assert "Delete that folder" in caplog.text
+    caplog.clear()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    assert tokenizer.eos_token == "<|im_end|>"
     assert "Delete that folder" in caplog.text
 
 

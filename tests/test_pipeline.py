@@ -171,3 +171,12 @@ def test_quantize_settings_redo_from_quantize():
     assert pipeline.first_stage_reading("export.quantize", names) == "quantize"
     assert pipeline.first_stage_reading("export.sample_prompts", names) == "ascend"
     assert pipeline.first_stage_reading("export.opset", names) == "export"
+
+
+def test_precision_settings_redo_their_stage():
+    from edgelm.config import PACKAGED_CONFIGS
+
+    names = pipeline.stage_names(load_config(PACKAGED_CONFIGS / "default.yaml"))
+    assert pipeline.first_stage_reading("rollout.precision", names) == "rollout"
+    assert pipeline.first_stage_reading("distill.score_precision", names) == "score"
+    assert pipeline.first_stage_reading("distill.precision", names) == "distill"

@@ -237,7 +237,8 @@ def test_score_rows_in_bf16(student_and_teacher, tmp_path):
         np.testing.assert_allclose(low.logsumexp, full.logsumexp, atol=0.05)
         # A tiny random model's distribution is nearly flat, so only the top value is compared.
         np.testing.assert_allclose(low.topk_logprobs[:, 0], full.topk_logprobs[:, 0], atol=0.05)
-    with pytest.raises(ValueError, match="precision it scores in"):
+    assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["teacher_dtype"] == "bfloat16"
+    with pytest.raises(ValueError, match="scored with the teacher in bfloat16 and this run loads it in float32"):
         score_rows(teacher, rows, tmp_path / "bf16", top_k=8, teacher_id="fp32")
 
 

@@ -168,13 +168,14 @@ class TeacherTargets:
         return int(self.logsumexp.shape[0])
 
 
-def _header(top_k: int, vocab_size: int, teacher_id: str, tokenizer: dict | None) -> dict:
+def _header(top_k: int, vocab_size: int, teacher_id: str, tokenizer: dict | None, teacher_dtype: str | None) -> dict:
     return {
         "format": FORMAT_NAME,
         "version": FORMAT_VERSION,
         "top_k": top_k,
         "vocab_size": vocab_size,
         "teacher_id": teacher_id,
+        "teacher_dtype": teacher_dtype,
         "tokenizer": tokenizer,
         "layout": PackedLayout(top_k, vocab_size).describe(),
     }
@@ -211,6 +212,7 @@ class LogitStoreWriter:
         rows_per_shard: int = 256,
         *,
         tokenizer: dict | None = None,
+        teacher_dtype: str | None = None,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
@@ -222,6 +224,7 @@ class LogitStoreWriter:
         self.top_k = top_k
         self.vocab_size = vocab_size
         self.teacher_id = teacher_id
+        self.teacher_dtype = teacher_dtype
         self.rows_per_shard = rows_per_shard
         self.rank = rank
         self.world_size = world_size
@@ -238,7 +241,7 @@ class LogitStoreWriter:
         self._shard_names = {shard["name"] for shard in committed.shards}
         part_path = self._part_path()
         self._part = _read_json(part_path) if part_path.is_file() else {
-            **_header(top_k, vocab_size, teacher_id, tokenizer), "shards": [], "rows": {},
+            **_header(top_k, vocab_size, teacher_id, tokenizer, teacher_dtype), "shards": [], "rows": {},
         }
         if self._stored_rows:
             log.info("resuming logit store %s with %d rows", self.out_dir, len(self._stored_rows))
@@ -251,10 +254,15 @@ class LogitStoreWriter:
         requested = {"top_k": self.top_k, "vocab_size": self.vocab_size, "teacher_id": self.teacher_id}
         same_teacher = _same_teacher(stored["teacher_id"], self.teacher_id)
         if not same_teacher or stored["top_k"] != self.top_k or stored["vocab_size"] != self.vocab_size:
+            stored_dtype = header.get("teacher_dtype")
+            dtype_note = ""
+            if stored_dtype and self.teacher_dtype and stored_dtype != self.teacher_dtype:
+                dtype_note = (f"; the store was scored with the teacher in {stored_dtype} and this run loads it in "
+                              f"{self.teacher_dtype}, so scoring in {stored_dtype} again would resume it")
             raise ValueError(
                 f"logit store {self.out_dir} was written with {stored}, but this writer uses {requested} "
-                f"(the teacher id changes with the teacher's weights, config and the precision it scores in); "
-                f"score into a new folder or delete the old store"
+                f"(the teacher id changes with the teacher's weights, config and the precision it scores in)"
+                f"{dtype_note}; score into a new folder or delete the old store"
             )
 
     def _remove_stale_temp_files(self) -> None:

@@ -132,7 +132,13 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     source = resolve_source(spec)
     cached = gguf_cache_folder(source)
     if _is_cached(cached):
-        source = ModelSource(str(cached))
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(cached))
+        except Exception as error:  # a damaged cache must not stop the load
+            _warn_damaged_cache(cached, error)
+        else:
+            fix_special_tokens(tokenizer)
+            return tokenizer
     tokenizer = AutoTokenizer.from_pretrained(source.location, **source.from_pretrained_kwargs())
     fix_special_tokens(tokenizer)
     return tokenizer
@@ -152,8 +158,7 @@ def load_model(
         try:
             model, tokenizer = _load_folder(ModelSource(str(cached)), dtype)
         except Exception as error:  # a damaged cache must not stop the load
-            log.warning("cannot load the cached GGUF conversion %s (%s); loading the GGUF file instead. "
-                        "Delete that folder to convert it again", cached, error)
+            _warn_damaged_cache(cached, error)
         else:
             # A GGUF load names the GGUF's folder in the config. Keep that name for anything that
             # reads it, so a cached model looks like a converted one.
@@ -201,6 +206,11 @@ def gguf_cache_folder(source: ModelSource) -> Path | None:
     digest = sha256_of_files([gguf])[:16]
     versions = f"transformers-{transformers.__version__}-gguf-{importlib.metadata.version('gguf')}-v{CACHE_FORMAT}"
     return root / "gguf" / f"{gguf.stem}-{digest}-{versions}"
+
+
+def _warn_damaged_cache(folder: Path, error: Exception) -> None:
+    log.warning("cannot load the cached GGUF conversion %s (%s); loading the GGUF file instead. "
+                "Delete that folder to convert it again", folder, error)
 
 
 def _is_cached(folder: Path | None) -> bool:

@@ -157,7 +157,8 @@ def score_rows(
     try:
         writer = LogitStoreWriter(
             out_dir, top_k, vocab_size, teacher_id, rows_per_shard,
-            tokenizer=fingerprint, rank=process.rank, world_size=process.world_size,
+            tokenizer=fingerprint, teacher_dtype=str(teacher.dtype).removeprefix("torch."),
+            rank=process.rank, world_size=process.world_size,
         )
         pending, skipped = _rows_to_score(rows, writer)
         # Every process must split the same pending list, so none may write before all have read
