@@ -127,12 +127,16 @@ def test_rollout_samples_chunks_and_resumes(tiny_model_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="edgelm.train.rollout"):
         stats = rollout(str(tiny_model_dir), records[:1], out, mode="fast", max_new_tokens=4, temperature=0.0)
     assert stats["generated_rows"] == 1
-    assert "other settings" in caplog.text
+    assert "other sampling.temperature, sampling.top_p than this run" in caplog.text
+    assert caplog.text.count("ignoring") == 1
 
     # Nor does another precision.
-    stats = rollout(str(tiny_model_dir), records[:1], out, mode="fast", max_new_tokens=4, temperature=0.0,
-                    precision="bf16")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="edgelm.train.rollout"):
+        stats = rollout(str(tiny_model_dir), records[:1], out, mode="fast", max_new_tokens=4, temperature=0.0,
+                        precision="bf16")
     assert stats["generated_rows"] == 1
+    assert "other sampling.precision than this run" in caplog.text
     assert read_jsonl(out)[0]["sampling"]["precision"] == "bf16"
 
 
