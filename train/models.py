@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 PACKAGE_PREFIX = "pkg:"
 # The folder of edgelm's cache, or "off" to load GGUF files without it.
 CACHE_ENV = "EDGELM_CACHE_DIR"
-# Raised when the converted folder's layout changes, so older cache folders are not read.
+# Version of the cache folder layout. Increase it when the layout changes, so older folders are not read.
 CACHE_FORMAT = 1
 # A temporary cache folder older than this belongs to a killed process.
 STALE_TEMP_SECONDS = 3600
@@ -197,7 +197,7 @@ def gguf_cache_folder(source: ModelSource) -> Path | None:
     """Return the cache folder of a GGUF source's converted model (it may not exist yet), or None.
 
     None for a source that is not a GGUF file and when the cache is off. The folder name contains
-    the GGUF file's SHA-256 and the transformers version that converted it.
+    the GGUF file's SHA-256, the transformers and gguf versions that converted it and CACHE_FORMAT.
     """
     root = cache_root()
     if root is None or not source.gguf_file:
