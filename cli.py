@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-rows", type=positive_int, default=256,
                    help="rows written per chunk file; an interrupted run keeps finished chunks (default: 256)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="dtype the student samples in; bf16 is faster on GPUs and on CPUs with AMX (default: fp32)")
+                   help="dtype the student samples in. bf16 is faster on GPUs and on CPUs with AMX (default: fp32)")
     p.set_defaults(func=cmd_rollout)
 
     p = sub.add_parser("score", help="store the teacher's top-k logits for each row")
@@ -337,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=positive_int, default=32, help="logits kept per token (default: 32)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="sequences per forward pass (default: 8)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="dtype the teacher runs in; its logits are cast to fp32 before top-k (default: fp32)")
+                   help="dtype the teacher runs in. Its logits are cast to fp32 before top-k (default: fp32)")
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser("distill", help="train the student on stored teacher logits")

@@ -48,7 +48,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def set_folder_permissions(folder: Path) -> None:
     """Give a folder made by mkdtemp, and its 0600 files, the permissions that mkdir and open() would."""
     _set_default_permissions(folder, is_dir=True)
-    # onnx and safetensors write some files as 0600, like mkstemp; give those the usual permissions.
+    # onnx and safetensors write some files as 0600, as mkstemp does. Give those the usual permissions.
     for item in folder.rglob("*"):
         if item.is_file() and not item.is_symlink() and item.stat().st_mode & 0o777 == 0o600:
             _set_default_permissions(item, is_dir=False)

@@ -208,6 +208,11 @@ def gguf_cache_folder(source: ModelSource) -> Path | None:
     return root / "gguf" / f"{gguf.stem}-{digest}-{versions}"
 
 
+def _warn_unwritable_cache(location: Path, error: Exception) -> None:
+    log.warning("cannot write edgelm's GGUF cache at %s (%s); set %s to a writable folder, or to off",
+                location, error, CACHE_ENV)
+
+
 def _warn_damaged_cache(folder: Path, error: Exception) -> None:
     log.warning("cannot load the cached GGUF conversion %s (%s); loading the GGUF file instead. "
                 "Delete that folder to convert it again", folder, error)
@@ -239,8 +244,7 @@ def _write_gguf_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
                 shutil.rmtree(leftover, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     except OSError as error:
-        log.warning("cannot write edgelm's GGUF cache at %s (%s); set %s to a writable folder, or to off",
-                    folder.parent, error, CACHE_ENV)
+        _warn_unwritable_cache(folder.parent, error)
         return
     try:
         model.save_pretrained(tmp)
@@ -250,8 +254,7 @@ def _write_gguf_cache(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
         log.info("cached the converted GGUF model at %s", folder)
     except Exception as error:  # safetensors raises its own error type on a full disk
         if not _is_cached(folder):
-            log.warning("cannot write edgelm's GGUF cache at %s (%s); set %s to a writable folder, or to off",
-                        folder, error, CACHE_ENV)
+            _warn_unwritable_cache(folder, error)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
