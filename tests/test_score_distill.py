@@ -29,7 +29,15 @@ from edgelm.train.logit_store import LogitStore
 from edgelm.train.losses import LOSS_NAMES, distillation_loss, topk_divergence
 from edgelm.train.models import load_model
 from edgelm.train.preflight import check_same_tokenizer, shared_vocab_size, tokenizer_fingerprint
-from edgelm.train.rollout import chunk_dir, generate_vllm, label_rows, rollout
+from edgelm.train.rollout import (
+    InverseCDFSampler,
+    chunk_dir,
+    generate_batch,
+    generate_vllm,
+    label_rows,
+    rollout,
+    sampling_processors,
+)
 from edgelm.train.score import check_teacher_and_student, row_key, row_sequence, score_rows, teacher_identity
 
 from conftest import SMOLLM2_GGUF, requires_smollm2
@@ -166,9 +174,71 @@ def test_vllm_engine_missing_is_clear_error(tiny_model_dir):
         import vllm  # noqa: F401
     except ImportError:
         with pytest.raises(RuntimeError, match="rollout.engine: hf"):
-            generate_vllm(str(tiny_model_dir), [[1, 2]], eos_id=2, max_new_tokens=2, temperature=0.0, top_p=1.0, seed=0)
+            generate_vllm(str(tiny_model_dir), [[1, 2]], eos_id=2, max_new_tokens=2, temperature=0.0, top_p=1.0, seeds=[0])
     else:
         pytest.skip("vllm is installed, so the missing-package error cannot be tested")
+
+
+def test_inverse_cdf_sampler_draws_from_softmax():
+    """The draws follow softmax(scores): frequencies match, and a token at -inf is never drawn."""
+    scores = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(20_000, 1)
+    chosen = InverseCDFSampler(seeds=range(20_000))(torch.zeros((20_000, 1), dtype=torch.long), scores)
+    tokens = chosen.argmax(-1)
+    assert torch.isinf(chosen).sum(-1).eq(4).all() and chosen.amax(-1).eq(0).all()
+    frequencies = torch.bincount(tokens, minlength=5).double() / len(tokens)
+    expected = torch.softmax(scores[0].double(), -1)
+    assert frequencies[3] == 0
+    # Five standard errors of a proportion of 20,000 draws are below 0.02.
+    torch.testing.assert_close(frequencies, expected, atol=0.02, rtol=0)
+
+
+def test_inverse_cdf_sampler_repeats_each_row_with_its_seed():
+    """A row's draws depend on its own seed only, not on the rows beside it."""
+    scores = torch.randn(4, 50).repeat(2, 1)
+
+    def draws(seeds, rows=slice(None)):
+        sampler = InverseCDFSampler(seeds)
+        return torch.stack([sampler(None, scores[rows]).argmax(-1) for _ in range(6)], dim=1)
+
+    together = draws([10, 11, 12, 13, 20, 21, 22, 23])
+    assert torch.equal(together[:4], draws([10, 11, 12, 13], slice(0, 4)))
+    assert torch.equal(together[2], draws([12], slice(2, 3))[0])
+    assert not torch.equal(together[:4], together[4:])
+    with pytest.raises(ValueError, match="2 seeds but got scores for 8 rows"):
+        InverseCDFSampler([1, 2])(None, scores)
+
+
+def test_sampling_processors_order_and_greedy():
+    assert len(sampling_processors(0.0, 0.9, seeds=[0])) == 0
+    names = [type(processor).__name__ for processor in sampling_processors(0.7, 0.9, seeds=[0])]
+    assert names == ["TemperatureLogitsWarper", "TopPLogitsWarper", "InverseCDFSampler"]
+    assert "TopPLogitsWarper" not in [type(p).__name__ for p in sampling_processors(0.7, 1.0, seeds=[0])]
+
+
+def test_generate_batch_samples_at_temperature(tiny_model_dir):
+    """Sampling gives other tokens than greedy decoding, the same tokens for the same seed."""
+    model, tokenizer = load_model(str(tiny_model_dir))
+    prompts = [[5, 6, 7], [8, 9]]
+    settings = {"max_new_tokens": 12, "temperature": 1.5, "top_p": 1.0}
+    greedy = generate_batch(model, tokenizer, prompts, max_new_tokens=12, temperature=0.0)
+    sampled = generate_batch(model, tokenizer, prompts, seeds=[4, 5], **settings)
+    assert sampled == generate_batch(model, tokenizer, prompts, seeds=[4, 5], **settings)
+    assert sampled != greedy
+    assert sampled != generate_batch(model, tokenizer, prompts, seeds=[6, 7], **settings)
+    assert generate_batch(model, tokenizer, prompts[:1], seeds=[4], **settings) == sampled[:1]
+
+
+def test_resumed_rollout_draws_the_samples_of_one_run(tiny_model_dir, tmp_path):
+    """Each (id, sample) has its own seed, so rows generated across a resume equal one uninterrupted run."""
+    records = [{"id": f"r{i}", "prompt": f"What is {i} plus {i}?", "answer": str(2 * i), "reasoning": ""} for i in range(4)]
+    settings = {"mode": "fast", "samples_per_prompt": 2, "max_new_tokens": 6, "temperature": 1.5, "batch_size": 8}
+    rollout(str(tiny_model_dir), records, tmp_path / "whole.jsonl", **settings)
+    rollout(str(tiny_model_dir), records[1:3], tmp_path / "resumed.jsonl", **settings)
+    rollout(str(tiny_model_dir), records, tmp_path / "resumed.jsonl", **settings)
+    whole, resumed = read_jsonl(tmp_path / "whole.jsonl"), read_jsonl(tmp_path / "resumed.jsonl")
+    assert [row["response_ids"] for row in resumed] == [row["response_ids"] for row in whole]
+    # The two samples of one prompt differ.
+    assert whole[0]["response_ids"] != whole[1]["response_ids"]
 
 
 def test_label_rows_have_own_keys(student_and_teacher):
@@ -404,8 +474,8 @@ def test_stored_full_vocab_loss_matches_live_teacher(student_and_teacher, peaked
     assert stored.ce.item() == pytest.approx(expected_ce.item(), rel=1e-5)
 
 
-def test_sliced_logits_loss_matches_full(student_and_teacher, tmp_path):
-    """Asking the student only for logits from the first response position changes no loss value."""
+def test_head_on_target_positions_matches_full_logits(student_and_teacher, tmp_path):
+    """Running the LM head on the target positions only changes no loss value and no gradient."""
     student, teacher, tokenizer, _ = student_and_teacher
     rows = make_rows(tokenizer)
     score_rows(teacher, rows, tmp_path, top_k=8, teacher_id="t")
@@ -413,18 +483,47 @@ def test_sliced_logits_loss_matches_full(student_and_teacher, tmp_path):
     targets = {name: batch[name] for name in TARGET_KEYS}
     settings = LossSettings(alpha=0.4, loss="jsd", beta=0.3)
 
-    with torch.no_grad():
-        outputs, sliced = forward_distillation_loss(student, batch, targets, settings)
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    outputs, selected = forward_distillation_loss(student, batch, targets, settings)
+    selected.loss.backward()
+    selected_grads = [param.grad.clone() for param in student.parameters()]
+    student.zero_grad()
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     full = distillation_loss(
         logits, batch["shift_labels"], batch["teacher_ids"], batch["teacher_logprobs"], batch["teacher_mask"],
         alpha=0.4, loss="jsd", beta=0.3, teacher_tail_logprob=batch["teacher_tail_logprob"],
     )
+    full.loss.backward()
+    full_grads = [param.grad.clone() for param in student.parameters()]
+    student.zero_grad()
+
+    targets_count = int(batch["teacher_mask"].sum())
+    assert outputs.logits.shape == (1, targets_count, student.config.vocab_size)
+    assert selected.tokens == full.tokens == targets_count
+    assert selected.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
+    assert selected.ce.item() == pytest.approx(full.ce.item(), rel=1e-5)
+    assert selected.divergence.item() == pytest.approx(full.divergence.item(), rel=1e-5)
+    for ours, reference in zip(selected_grads, full_grads):
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-6)
+    # The hook is removed after the forward pass.
+    assert student(input_ids=batch["input_ids"]).logits.shape[:2] == batch["input_ids"].shape
+
+
+def test_head_selection_skips_a_model_without_output_embeddings(student_and_teacher, tmp_path, monkeypatch):
+    """A model whose head cannot be found gets the full logits, and the loss selects the positions."""
+    student, teacher, tokenizer, _ = student_and_teacher
+    rows = make_rows(tokenizer)
+    score_rows(teacher, rows, tmp_path, top_k=8, teacher_id="t")
+    batch = batch_for(rows, LogitStore(tmp_path), tokenizer)
+    targets = {name: batch[name] for name in TARGET_KEYS}
+    settings = LossSettings(alpha=0.4, loss="forward_kl")
+
+    with torch.no_grad():
+        _, selected = forward_distillation_loss(student, batch, targets, settings)
+        monkeypatch.setattr(student, "get_output_embeddings", lambda: None)
+        outputs, sliced = forward_distillation_loss(student, batch, targets, settings)
     first_response = min(row_sequence(row)[1] for row in rows) - 1
-    assert outputs.logits.shape[1] == batch["input_ids"].shape[1] - first_response
-    assert sliced.loss.item() == pytest.approx(full.loss.item(), rel=1e-5)
-    assert sliced.ce.item() == pytest.approx(full.ce.item(), rel=1e-5)
-    assert sliced.divergence.item() == pytest.approx(full.divergence.item(), rel=1e-5)
+    assert outputs.logits.shape[:2] == (len(rows), batch["input_ids"].shape[1] - first_response)
+    assert sliced.loss.item() == pytest.approx(selected.loss.item(), rel=1e-5)
 
 
 def test_collator_aligns_targets(student_and_teacher, tmp_path):

@@ -17,6 +17,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler
 
 from edgelm.files import read_jsonl_with
 from edgelm.train.distributed import gather_objects
-from edgelm.train.logit_store import LogitStore
+from edgelm.train.logit_store import RESCORE, LogitStore
 from edgelm.train.losses import IGNORE_INDEX, DistillationLoss, check_loss_settings, distillation_loss
 from edgelm.train.models import load_model, save_model
 from edgelm.train.preflight import check_same_tokenizer, max_positions, tokenizer_fingerprint
@@ -210,6 +211,34 @@ class LossTracker:
         return self.last_window
 
 
+@contextmanager
+def head_on_targets_only(model: PreTrainedModel, mask: torch.Tensor) -> Iterator[None]:
+    """While active, the model's LM head receives only the hidden states where `mask` is True.
+
+    `mask` is [B, T] over the positions the head would see. The head then returns [1, N, V]
+    logits for the N masked positions, instead of [B, T, V] logits whose unmasked rows the loss
+    discards: prompts of rows that start later, and padding. Whatever the model applies after
+    its head (a scale, a soft cap) is applied per position, so the selected logits are the same.
+    A model without an output embedding, or whose head receives another shape, is left as it is.
+    """
+    head = getattr(model, "module", model).get_output_embeddings()
+    if head is None:
+        yield
+        return
+
+    def select(module, args):
+        hidden = args[0]
+        if hidden.shape[:2] != mask.shape:
+            return None
+        return (hidden[mask].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(select)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def forward_distillation_loss(
     model: PreTrainedModel,
     inputs: dict,
@@ -224,29 +253,37 @@ def forward_distillation_loss(
     `vocab_size` cuts the student's logits to the store's width (padding rows; see
     edgelm.train.preflight).
     """
-    # The logits over the vocabulary are the costliest part of a small model's step, so ask
-    # only for the positions from the earliest response target on (prompts carry no targets).
+    # The logits over the vocabulary are the costliest part of a small model's step, so the
+    # head runs only from the earliest response target on (prompts carry no targets), and
+    # there only at the target positions.
     length = inputs["input_ids"].shape[1]
     mask = targets["teacher_mask"]
     first = int(mask.any(dim=0).nonzero()[0]) if mask.any() else 0
-    outputs = model(
-        input_ids=inputs["input_ids"],
-        attention_mask=inputs["attention_mask"],
-        use_cache=False,
-        logits_to_keep=length - first,
-    )
+    mask = mask[:, first:]
+    with head_on_targets_only(model, mask):
+        outputs = model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            use_cache=False,
+            logits_to_keep=length - first,
+        )
     logits = outputs.logits if vocab_size is None else outputs.logits[..., :vocab_size]
+    aligned = {name: targets[name][:, first:] for name in ("shift_labels", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob")}
+    if logits.shape[:2] != mask.shape:
+        # The head ran on the target positions only: select the same positions of the targets.
+        aligned = {name: tensor[mask].unsqueeze(0) for name, tensor in aligned.items()}
+        mask = torch.ones(logits.shape[:2], dtype=torch.bool, device=mask.device)
     parts = distillation_loss(
         logits,
-        targets["shift_labels"][:, first:],
-        targets["teacher_ids"][:, first:],
-        targets["teacher_logprobs"][:, first:],
-        mask[:, first:],
+        aligned["shift_labels"],
+        aligned["teacher_ids"],
+        aligned["teacher_logprobs"],
+        mask,
         alpha=settings.alpha,
         loss=settings.loss,
         beta=settings.beta,
         temperature=settings.temperature,
-        teacher_tail_logprob=targets["teacher_tail_logprob"][:, first:],
+        teacher_tail_logprob=aligned["teacher_tail_logprob"],
         num_items_in_batch=num_items_in_batch,
     )
     return outputs, parts
@@ -378,7 +415,7 @@ def load_examples(rows: list[dict], store: LogitStore, max_length: int) -> tuple
     if missing:
         raise ValueError(
             f"{len(missing)} of {len(rows)} rows have no teacher targets in logit store {store.path} "
-            f"(first: {missing[:3]}); score them first (rerun with `--from score`)"
+            f"(first: {missing[:3]}); {RESCORE}"
         )
     if too_long:
         log.warning("dropped %d rows whose prompt has max_length=%d tokens or more", too_long, max_length)
