@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -213,6 +214,11 @@ def test_student_with_no_tail_mass(loss):
     values.sum().backward()
     assert torch.all(torch.isfinite(values))
     assert torch.all(torch.isfinite(student.grad))
+    # The same through the combined loss, whose cross-entropy shares the student's pass.
+    student.grad = None
+    parts = distillation_loss(student, ids[..., 0], ids, logprobs, torch.ones(1, 3, dtype=torch.bool), loss=loss)
+    parts.loss.backward()
+    assert torch.isfinite(parts.loss) and torch.all(torch.isfinite(student.grad))
 
 
 def test_rejects_bad_settings(logits):
@@ -293,3 +299,57 @@ def test_num_items_in_batch_sums_to_full_batch(logits):
     ]
     assert sum(half.loss.item() for half in halves) == pytest.approx(full.loss.item(), rel=1e-6)
     assert [half.tokens for half in halves] == [3, 4]
+
+
+def test_student_log_probs_gradient_is_exact():
+    """_StudentLogProbs' hand-written backward passes torch's numerical gradient check in float64."""
+    from edgelm.train.losses import _StudentLogProbs
+
+    generator = torch.Generator().manual_seed(1)
+    logits = (torch.randn(4, V, generator=generator, dtype=torch.float64) * 3).requires_grad_(True)
+    ids = torch.randn(4, V, generator=generator).topk(6, dim=-1).indices
+    # Labels inside and outside the top-k.
+    outside = next(j for j in range(V) if j not in ids[2].tolist())
+    labels = torch.tensor([ids[0, 0].item(), ids[1, 5].item(), outside, ids[3, 2].item()])
+    assert torch.autograd.gradcheck(lambda x: _StudentLogProbs.apply(x, ids, labels), (logits,))
+
+
+def reference_loss(student, labels, ids, logprobs, tail, mask, loss, alpha, beta):
+    """The combined loss from log_softmax, gather and logsumexp, as the shared pass replaces them."""
+    selected = student[mask]
+    log_q_all = F.log_softmax(selected, dim=-1)
+    ce = -log_q_all.gather(-1, labels[mask].unsqueeze(-1)).squeeze(-1)
+    log_q_tail = torch.logsumexp(log_q_all.scatter(-1, ids[mask], float("-inf")), dim=-1, keepdim=True)
+    log_q = torch.cat([log_q_all.gather(-1, ids[mask]), log_q_tail], dim=-1)
+    log_p = torch.cat([logprobs[mask], tail[mask].unsqueeze(-1)], dim=-1)
+    p, q = log_p.exp(), log_q.exp()
+    if loss == "forward_kl":
+        divergence = (p * (log_p - log_q)).sum(-1)
+    elif loss == "reverse_kl":
+        divergence = (q * (log_q - log_p)).sum(-1)
+    elif loss == "tv":
+        divergence = 0.5 * (p - q).abs().sum(-1)
+    else:
+        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+        divergence = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+    return (alpha * ce.sum() + (1 - alpha) * divergence.sum()) / int(mask.sum())
+
+
+@pytest.mark.parametrize("loss", LOSS_NAMES)
+def test_shared_student_pass_matches_separate_ops(logits, loss):
+    """The loss with cross-entropy and divergence on the same positions has the value and gradient of the plain ops."""
+    student, teacher, mask = logits
+    ids, logprobs = make_targets(teacher, 8)
+    tail = torch.log1p(-logprobs.exp().sum(-1).clamp_max(1 - 1e-6))
+    labels = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(2))
+    labels[0, 2] = ids[0, 2, 0]
+    labels[~mask] = IGNORE_INDEX
+    ours = student.clone().requires_grad_(True)
+    parts = distillation_loss(ours, labels, ids, logprobs, mask, alpha=0.3, loss=loss, beta=0.4, teacher_tail_logprob=tail)
+    parts.loss.backward()
+    plain = student.clone().requires_grad_(True)
+    expected = reference_loss(plain, labels, ids, logprobs, tail, mask, loss, alpha=0.3, beta=0.4)
+    expected.backward()
+    assert parts.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(ours.grad, plain.grad, rtol=1e-4, atol=1e-7)
+    assert torch.all(ours.grad[~mask] == 0)
