@@ -61,6 +61,12 @@ LSE_BYTES = 4
 # Memory maps keep a file descriptor open, so only this many shards stay mapped at once.
 _MAX_OPEN_SHARDS = 64
 
+# How to score again, for both ways of running the score stage.
+RESCORE = (
+    "score again: `edgelm pipeline CONFIG --from score`, or `edgelm score` into a new folder "
+    "(or after deleting this one)"
+)
+
 
 def sequence_sha256(input_ids: Sequence[int] | np.ndarray) -> str:
     """Return the SHA-256 hex digest of the token ids as little-endian int32 bytes."""
@@ -524,7 +530,7 @@ class LogitStore:
         if records.ndim != 2 or records.shape[1] != self.layout.bytes_per_token:
             raise ValueError(
                 f"{self.path / name}.npy has shape {records.shape}, expected [tokens, {self.layout.bytes_per_token}]; "
-                f"the store is damaged, so rerun scoring (`--from score`)"
+                f"the store is damaged, so {RESCORE}"
             )
         self._open_shards[name] = records
         if len(self._open_shards) > _MAX_OPEN_SHARDS:
@@ -575,8 +581,7 @@ def _read_manifest(path: Path) -> dict:
     if manifest.get("version") != FORMAT_VERSION:
         raise ValueError(
             f"logit store {path.parent} uses layout version {manifest.get('version')!r}, but this edgelm reads "
-            f"version {FORMAT_VERSION} (bit-packed, 128 bytes per token at k=32); rerun scoring with "
-            f"`edgelm pipeline CONFIG --from score`, or delete the folder and run `edgelm score` again"
+            f"version {FORMAT_VERSION} (bit-packed, 128 bytes per token at k=32); {RESCORE}"
         )
     return manifest
 
@@ -584,6 +589,5 @@ def _read_manifest(path: Path) -> dict:
 def _mismatch_message(key: str, sha: str, stored_sha: str, store_path: Path) -> str:
     return (
         f"row {key}: input_ids sha256 {sha} does not match the sha256 {stored_sha} stored in logit store "
-        f"{store_path}; the rows changed since they were scored, so rerun scoring (`--from score`) "
-        f"or score into a new store folder"
+        f"{store_path}; the rows changed since they were scored, so {RESCORE}"
     )
