@@ -353,3 +353,23 @@ def test_shared_student_pass_matches_separate_ops(logits, loss):
     assert parts.loss.item() == pytest.approx(expected.item(), rel=1e-5)
     torch.testing.assert_close(ours.grad, plain.grad, rtol=1e-4, atol=1e-7)
     assert torch.all(ours.grad[~mask] == 0)
+
+
+@pytest.mark.parametrize("gap", [25.0, 100.0, 110.0])
+def test_confident_student_gradient_in_fp32(gap):
+    """A student whose tail is below fp32's smallest probability keeps the float64 loss and gradient."""
+    ids = torch.arange(3).view(1, 1, 3)
+    logprobs = torch.tensor([0.6, 0.3, 0.09]).log().view(1, 1, 3)
+    tail = torch.tensor([[math.log(0.01)]])
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    labels = torch.zeros(1, 1, dtype=torch.long)
+    logits = torch.zeros(1, 1, V)
+    logits[0, 0, :3] = torch.tensor([gap, gap - 1, gap - 2])
+    ours = logits.clone().requires_grad_(True)
+    parts = distillation_loss(ours, labels, ids, logprobs, mask, teacher_tail_logprob=tail)
+    parts.loss.backward()
+    exact = logits.double().requires_grad_(True)
+    expected = reference_loss(exact, labels, ids, logprobs.double(), tail.double(), mask, "forward_kl", 0.5, 0.5)
+    expected.backward()
+    assert parts.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    torch.testing.assert_close(ours.grad, exact.grad.float(), rtol=1e-4, atol=1e-7)

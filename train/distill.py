@@ -227,10 +227,10 @@ def head_on_targets_only(model: PreTrainedModel, mask: torch.Tensor) -> Iterator
         return
 
     def select(module, args):
-        hidden = args[0]
-        if hidden.shape[:2] != mask.shape:
+        # A head called with keyword arguments, or on another shape, runs unchanged.
+        if not args or args[0].shape[:2] != mask.shape:
             return None
-        return (hidden[mask].unsqueeze(0), *args[1:])
+        return (args[0][mask].unsqueeze(0), *args[1:])
 
     handle = head.register_forward_pre_hook(select)
     try:
