@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -443,7 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         from edgelm.edge_bench.report import compare_main
 
         return compare_main(argv[2:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     import yaml
 
@@ -455,5 +457,31 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, ImportError, yaml.YAMLError) as error:
         # Invalid input and missing files or packages: one line, the traceback only with -v.
         # ConfigError and DataError are ValueErrors.
-        logging.getLogger("edgelm").error("%s: %s", type(error).__name__, error, exc_info=args.verbose)
+        hint = flag_hint(str(error), parser, args.command)
+        logging.getLogger("edgelm").error("%s: %s%s", type(error).__name__, error, hint, exc_info=args.verbose)
         return 2
+
+
+# Function parameters that a subcommand sets from a flag of another name.
+_PARAMETER_DESTS = {"learning_rate": "lr", "samples_per_prompt": "samples"}
+
+
+def flag_hint(message: str, parser: argparse.ArgumentParser, command: str) -> str:
+    """Return " (command-line flag: --x)" for the `name=value` settings in `message` that a flag of `command` sets.
+
+    Errors come from the Python functions, so they name parameters (`top_p=1.5`); the hint
+    names the flag a command-line user passes instead. "" when no flag matches.
+    """
+    subcommands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    flags = {
+        action.dest: next((s for s in action.option_strings if s.startswith("--")), None)
+        for action in subcommands.choices[command]._actions
+    }
+    found = []
+    for name in re.findall(r"\b([a-z][a-z0-9_]*)=", message):
+        flag = flags.get(_PARAMETER_DESTS.get(name, name))
+        if flag and flag not in found and flag != "--help":
+            found.append(flag)
+    if not found:
+        return ""
+    return f" (command-line flag{'s' if len(found) > 1 else ''}: {', '.join(found)})"

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from edgelm.cli import build_parser, main
+from edgelm.cli import build_parser, flag_hint, main
 
 SUBCOMMANDS = ["pipeline", "data", "student", "sft", "rollout", "score", "distill", "export", "quantize", "ascend",
                "generate", "eval", "bench"]
@@ -73,6 +73,24 @@ def test_student_subcommand(tiny_model_factory, tmp_path, capsys):
     assert main(["student", "--teacher", str(teacher), "--keep-layers", "2", "--out", str(tmp_path / "student")]) == 0
     assert "2 of 4 layers" in capsys.readouterr().out
     assert json.loads((tmp_path / "student" / "config.json").read_text())["num_hidden_layers"] == 2
+
+
+def test_error_names_the_flag_of_a_parameter(tmp_path, caplog):
+    """An error about a function parameter also names the flag that sets it."""
+    args = ["distill", "--student", "s", "--rows", "r", "--store", "x", "--out", str(tmp_path / "o"), "--alpha", "2"]
+    assert main(args) == 2
+    assert "alpha=2.0 must be between 0 and 1" in caplog.text
+    assert "(command-line flag: --alpha)" in caplog.text
+
+
+def test_flag_hint_maps_renamed_parameters():
+    parser = build_parser()
+    assert flag_hint("learning_rate=-1 must be positive", parser, "distill") == " (command-line flag: --lr)"
+    assert flag_hint("samples_per_prompt=0 and top_p=2", parser, "rollout") == " (command-line flags: --samples, --top-p)"
+    # Names that no flag of the command sets get no hint.
+    assert flag_hint("max_length=900 exceeds max_position_embeddings=512", parser, "distill") == (
+        " (command-line flag: --max-length)")
+    assert flag_hint("sft.batch_size=0 must be at least 1", parser, "pipeline") == ""
 
 
 def test_interrupt_is_one_line(monkeypatch, caplog):
