@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from pathlib import Path
@@ -36,7 +37,18 @@ def positive_int(text: str) -> int:
 
 
 def _print_json(data) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    """Print `data` as JSON, with null for NaN and infinities (which JSON cannot hold)."""
+    print(json.dumps(_finite_or_none(data), indent=2, default=str))
+
+
+def _finite_or_none(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 # ---------------------------------------------------------------- subcommands

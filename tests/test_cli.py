@@ -93,6 +93,13 @@ def test_flag_hint_maps_renamed_parameters():
     assert flag_hint("sft.batch_size=0 must be at least 1", parser, "pipeline") == ""
 
 
+def test_printed_metrics_are_valid_json(capsys):
+    from edgelm.cli import _print_json
+
+    _print_json({"final_loss": float("nan"), "parts": [1.5, float("inf")], "name": "x"})
+    assert json.loads(capsys.readouterr().out) == {"final_loss": None, "parts": [1.5, None], "name": "x"}
+
+
 def test_interrupt_is_one_line(monkeypatch, caplog):
     import edgelm.cli as cli
 

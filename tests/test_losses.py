@@ -226,8 +226,9 @@ def test_rejects_bad_settings(logits):
     ids, logprobs = make_targets(teacher, 8)
     with pytest.raises(ValueError, match="mask"):
         topk_divergence(student, ids, logprobs, mask[:, :3])
-    with pytest.raises(ValueError, match="temperature"):
-        topk_divergence(student, ids, logprobs, mask, temperature=0.0)
+    for temperature in (0.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature"):
+            topk_divergence(student, ids, logprobs, mask, temperature=temperature)
     with pytest.raises(ValueError, match="beta"):
         topk_divergence(student, ids, logprobs, mask, loss="jsd", beta=1.5)
     with pytest.raises(ValueError, match="forward_kl"):

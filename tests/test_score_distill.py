@@ -135,7 +135,7 @@ def test_rollout_samples_chunks_and_resumes(tiny_model_dir, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="edgelm.train.rollout"):
         stats = rollout(str(tiny_model_dir), records[:1], out, mode="fast", max_new_tokens=4, temperature=0.0)
     assert stats["generated_rows"] == 1
-    assert "other sampling.temperature, sampling.top_p than this run" in caplog.text
+    assert "sampling.temperature 1.0 in the rows, 0.0 now; sampling.top_p 0.9 in the rows, 1.0 now" in caplog.text
     assert caplog.text.count("ignoring") == 1
 
     # Nor does another precision.
@@ -144,8 +144,30 @@ def test_rollout_samples_chunks_and_resumes(tiny_model_dir, tmp_path, caplog):
         stats = rollout(str(tiny_model_dir), records[:1], out, mode="fast", max_new_tokens=4, temperature=0.0,
                         precision="bf16")
     assert stats["generated_rows"] == 1
-    assert "other sampling.precision than this run" in caplog.text
+    assert "sampling.precision 'fp32' in the rows, 'bf16' now" in caplog.text
     assert read_jsonl(out)[0]["sampling"]["precision"] == "bf16"
+
+
+def test_rollout_resumes_through_another_path_spelling(tiny_model_dir, tmp_path, monkeypatch, caplog):
+    """The checkpoint compares by hash, as the logit store's teacher does."""
+    records = [{"id": "r0", "prompt": "What is 1 plus 1?", "answer": "2", "reasoning": ""}]
+    out = tmp_path / "rollouts.jsonl"
+    rollout(str(tiny_model_dir), records, out, mode="fast", max_new_tokens=3, temperature=0.0)
+    monkeypatch.chdir(tiny_model_dir.parent)
+    with caplog.at_level(logging.WARNING, logger="edgelm.train.rollout"):
+        stats = rollout(f"./{tiny_model_dir.name}/", records, out, mode="fast", max_new_tokens=3, temperature=0.0)
+    assert stats["reused_rows"] == 1
+    assert stats["generated_rows"] == 0
+    assert "ignoring" not in caplog.text
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"temperature": -1.0}, "temperature=-1.0 must be 0"), ({"temperature": float("nan")}, "temperature=nan"),
+    ({"top_p": 0.0}, "top_p=0.0 must be above 0"), ({"top_p": 1.5}, "top_p=1.5"), ({"top_p": float("nan")}, "top_p=nan"),
+])
+def test_rollout_rejects_bad_sampling_settings(tiny_model_dir, tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        rollout(str(tiny_model_dir), [], tmp_path / "rows.jsonl", mode="fast", **setting)
 
 
 def test_rollout_rejects_unknown_precision(tiny_model_dir, tmp_path):
@@ -173,7 +195,7 @@ def test_vllm_engine_missing_is_clear_error(tiny_model_dir):
     try:
         import vllm  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="rollout.engine: hf"):
+        with pytest.raises(ImportError, match="rollout.engine: hf"):
             generate_vllm(str(tiny_model_dir), [[1, 2]], eos_id=2, max_new_tokens=2, temperature=0.0, top_p=1.0, seeds=[0])
     else:
         pytest.skip("vllm is installed, so the missing-package error cannot be tested")
@@ -184,7 +206,8 @@ def test_inverse_cdf_sampler_draws_from_softmax():
     scores = torch.tensor([[2.0, 1.0, 0.0, float("-inf"), -1.0]]).repeat(20_000, 1)
     chosen = InverseCDFSampler(seeds=range(20_000))(torch.zeros((20_000, 1), dtype=torch.long), scores)
     tokens = chosen.argmax(-1)
-    assert torch.isinf(chosen).sum(-1).eq(4).all() and chosen.amax(-1).eq(0).all()
+    assert torch.isinf(chosen).sum(-1).eq(4).all()
+    assert chosen.amax(-1).eq(0).all()
     frequencies = torch.bincount(tokens, minlength=5).double() / len(tokens)
     expected = torch.softmax(scores[0].double(), -1)
     assert frequencies[3] == 0
@@ -192,7 +215,7 @@ def test_inverse_cdf_sampler_draws_from_softmax():
     torch.testing.assert_close(frequencies, expected, atol=0.02, rtol=0)
 
 
-def test_inverse_cdf_sampler_repeats_each_row_with_its_seed():
+def test_inverse_cdf_sampler_row_seeds():
     """A row's draws depend on its own seed only, not on the rows beside it."""
     scores = torch.randn(4, 50).repeat(2, 1)
 
@@ -685,6 +708,15 @@ def test_distill_mixed_and_bf16(student_and_teacher, tiny_model_dir, tmp_path):
             distill(tiny_model_dir, rows_path, tmp_path / "store", tmp_path / "out", precision="fp16")
         else:
             raise ValueError("fp16 is available on CUDA; nothing to reject")
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"learning_rate": -1.0}, "learning_rate=-1.0 must be positive"), ({"epochs": 0}, "epochs=0 must be positive"),
+    ({"temperature": float("nan")}, "temperature=nan must be positive"),
+])
+def test_distill_rejects_bad_settings_before_loading(tmp_path, setting, message):
+    with pytest.raises(ValueError, match=message):
+        distill(tmp_path / "student", tmp_path / "rows.jsonl", tmp_path / "store", tmp_path / "out", **setting)
 
 
 def test_distill_rejects_changed_rows(student_and_teacher, tiny_model_dir, tmp_path):

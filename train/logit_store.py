@@ -187,10 +187,10 @@ def _header(top_k: int, vocab_size: int, teacher_id: str, tokenizer: dict | None
     }
 
 
-def _same_teacher(stored: str | None, requested: str) -> bool:
-    """Return True when two teacher ids name one teacher: equal hashes after "@", or equal strings.
+def same_model_id(stored: str | None, requested: str) -> bool:
+    """Return True when two "PATH@HASH" ids name one model: equal hashes after "@", or equal strings.
 
-    Two spellings of one teacher path ("runs/a/teacher" and "./runs/a/teacher") then compare equal.
+    Two spellings of one path ("runs/a/teacher" and "./runs/a/teacher") then compare equal.
     """
     if stored is None or "@" not in stored or "@" not in requested:
         return stored == requested
@@ -258,7 +258,7 @@ class LogitStoreWriter:
     def _check_compatible(self, header: dict) -> None:
         stored = {name: header.get(name) for name in ("top_k", "vocab_size", "teacher_id")}
         requested = {"top_k": self.top_k, "vocab_size": self.vocab_size, "teacher_id": self.teacher_id}
-        same_teacher = _same_teacher(stored["teacher_id"], self.teacher_id)
+        same_teacher = same_model_id(stored["teacher_id"], self.teacher_id)
         if not same_teacher or stored["top_k"] != self.top_k or stored["vocab_size"] != self.vocab_size:
             stored_dtype = header.get("teacher_dtype")
             dtype_note = ""

@@ -111,8 +111,11 @@ def max_positions(model: PreTrainedModel) -> int | None:
     return int(value) if value is not None else None
 
 
-def check_sequence_lengths(keys_and_lengths: Sequence[tuple[str, int]], limit: int | None, model_name: str) -> None:
-    """Raise ValueError naming the first sequence longer than `limit` tokens (None: no limit)."""
+def check_sequence_lengths(
+    keys_and_lengths: Sequence[tuple[str, int]], limit: int | None, model_name: str,
+    fix: str = "lower rollout.max_new_tokens, or drop the longest rows",
+) -> None:
+    """Raise ValueError naming the longest sequence over `limit` tokens (None: no limit) and `fix`."""
     if limit is None:
         return
     too_long = [(key, length) for key, length in keys_and_lengths if length > limit]
@@ -120,6 +123,5 @@ def check_sequence_lengths(keys_and_lengths: Sequence[tuple[str, int]], limit: i
         key, length = max(too_long, key=lambda item: item[1])
         raise ValueError(
             f"{len(too_long)} sequences are longer than the {model_name}'s max_position_embeddings={limit} "
-            f"(longest: row {key} with {length} tokens); lower max_length or rollout.max_new_tokens, "
-            f"or drop the longest prompts"
+            f"(longest: {key}, {length} tokens); {fix}"
         )

@@ -32,6 +32,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogits
 from edgelm.files import read_jsonl, write_jsonl
 from edgelm.train.chat import prompt_ids, target_text
 from edgelm.train.distributed import ProcessInfo, barrier, gather_objects, process_info, shard_for_rank
+from edgelm.train.logit_store import same_model_id
 from edgelm.train.models import load_model, load_tokenizer, precision_dtype, resolve_source
 from edgelm.train.preflight import check_sequence_lengths, checkpoint_hash, max_positions
 
@@ -146,9 +147,9 @@ def generate_vllm(
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
     except ImportError as error:
-        raise RuntimeError(
+        raise ImportError(
             f"rollout.engine is 'vllm' but vllm cannot be imported ({error}); install vllm on a CUDA "
-            f"machine (`pip install vllm`) or set rollout.engine: hf"
+            f"machine (`pip install vllm`) or use the hf engine (rollout.engine: hf, or --engine hf)"
         ) from error
     source = resolve_source(model_source)
     if source.gguf_file:
@@ -199,7 +200,7 @@ def _existing_rows(
         files.insert(0, out_path)
     rows: dict[tuple[str, int], dict] = {}
     stale = 0
-    differences: set[str] = set()
+    differences: dict[str, tuple] = {}
     for path in files:
         for row in read_jsonl(path):
             if row.get("source", "rollout") != "rollout":
@@ -210,24 +211,33 @@ def _existing_rows(
             changed = _changed_settings(row, origin)
             if changed:
                 stale += 1
-                differences.update(changed)
+                for name, values in changed.items():
+                    differences.setdefault(name, values)
                 continue
             rows[pair] = row
     if stale and warn:
-        log.warning("ignoring %d rollout rows generated with other %s than this run (%s); generating them again",
-                    stale, ", ".join(sorted(differences)), origin)
+        described = "; ".join(f"{name} {stored!r} in the rows, {current!r} now" for name, (stored, current) in sorted(differences.items()))
+        log.warning("ignoring %d rollout rows generated with other settings than this run (%s); generating them again",
+                    stale, described)
     return rows
 
 
-def _changed_settings(row: dict, origin: dict) -> list[str]:
-    """Return the dotted names of the `origin` settings whose value in `row` differs."""
-    changed = []
+def _changed_settings(row: dict, origin: dict) -> dict[str, tuple]:
+    """Return {dotted name: (value in `row`, value in `origin`)} for the settings that differ.
+
+    The checkpoint compares by its hash, so another spelling of the same model path matches.
+    """
+    changed = {}
     for name, value in origin.items():
         stored = row.get(name)
         if isinstance(value, dict) and isinstance(stored, dict):
-            changed += [f"{name}.{key}" for key in sorted(set(value) | set(stored)) if stored.get(key) != value.get(key)]
+            for key in sorted(set(value) | set(stored)):
+                if stored.get(key) != value.get(key):
+                    changed[f"{name}.{key}"] = (stored.get(key), value.get(key))
+        elif name == "checkpoint" and isinstance(stored, str) and same_model_id(stored, value):
+            continue
         elif stored != value:
-            changed.append(name)
+            changed[name] = (stored, value)
     return changed
 
 
@@ -263,6 +273,10 @@ def rollout(
         raise ValueError(f"engine={engine!r} is not one of {ENGINES}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be at least 1")
+    if not temperature >= 0:
+        raise ValueError(f"temperature={temperature} must be 0 (greedy) or more")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p} must be above 0 and at most 1 (1 samples from the whole distribution)")
     precision_dtype(precision)
     process = process or process_info()
     out_path = Path(out_path)
@@ -344,7 +358,10 @@ def _generate_rows(
         model, tokenizer = load_model(model_source, dtype=precision_dtype(sampling["precision"]))
         model.to(process.device).eval()
         longest = max(len(ids) for _, _, ids in jobs) + max_new_tokens
-        check_sequence_lengths([("longest prompt + max_new_tokens", longest)], max_positions(model), "student")
+        check_sequence_lengths(
+            [("the longest prompt plus max_new_tokens", longest)], max_positions(model), "student",
+            fix="lower max_new_tokens (rollout.max_new_tokens, --max-new-tokens) or drop the longest prompts",
+        )
         batches = _hf_batches(model, tokenizer, jobs, batch_size, process, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=sampling["seed"])
 

@@ -145,7 +145,7 @@ def score_rows(
     vocab_size = vocab_size or width
     if vocab_size > width:
         raise ValueError(f"vocab_size={vocab_size} is larger than the teacher's logits width {width}")
-    sequences = [(row_key(row), len(row_sequence(row)[0])) for row in rows]
+    sequences = [(f"row {row_key(row)}", len(row_sequence(row)[0])) for row in rows]
     check_sequence_lengths(sequences, max_positions(teacher), "teacher")
 
     if teacher.device != process.device:

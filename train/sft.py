@@ -120,8 +120,8 @@ def check_model_limit(model, record_ids: list, examples: list[dict], max_length:
     if packing and max_length > limit:
         raise ValueError(f"packed rows reach max_length={max_length} tokens, more than the model's "
                          f"max_position_embeddings={limit}; lower sft.max_length to {limit} or less")
-    lengths = [(record_id, len(example["input_ids"])) for record_id, example in zip(record_ids, examples)]
-    check_sequence_lengths(lengths, limit, "model")
+    lengths = [(f"record {record_id}", len(example["input_ids"])) for record_id, example in zip(record_ids, examples)]
+    check_sequence_lengths(lengths, limit, "model", fix=f"lower sft.max_length to {limit} or less, or drop the longest records")
 
 
 def log_mask_report(stage_name: str, report: dict) -> None:
