@@ -110,11 +110,11 @@ def cmd_sft(args) -> int:
 
 def cmd_rollout(args) -> int:
     from edgelm.files import read_jsonl_with
-    from edgelm.train.rollout import rollout
+    from edgelm.train.rollout import rollout_for_targets
 
     records = read_jsonl_with(args.data, ("id", "prompt"), "records", RECORDS_FIX)[: args.records]
-    _print_json(rollout(
-        args.model, records, args.out, mode=args.mode, samples_per_prompt=args.samples,
+    _print_json(rollout_for_targets(
+        args.model, records, args.out, targets=args.targets, mode=args.mode, samples_per_prompt=args.samples,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
         batch_size=args.batch_size, seed=args.seed, engine=args.engine, chunk_rows=args.chunk_rows,
         precision=args.precision,
@@ -326,6 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="records JSONL")
     p.add_argument("--out", required=True, help="output rows JSONL")
     p.add_argument("--mode", choices=["reasoning", "fast"], default="fast", help="answer mode (default: fast)")
+    p.add_argument("--targets", choices=DISTILL_TARGETS, default="on_policy",
+                   help="rows for `edgelm distill --targets`: rollouts, reference answers (label) or both (default: on_policy)")
     p.add_argument("--records", type=positive_int, help="answer the first N records (default: all)")
     p.add_argument("--samples", type=positive_int, default=1, help="answers per prompt (default: 1)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")

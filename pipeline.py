@@ -130,30 +130,17 @@ def make_sft_stage(index: int) -> Callable[[Run], dict]:
 
 
 def stage_rollout(run: Run) -> dict:
-    from edgelm.train.models import load_tokenizer
-    from edgelm.train.rollout import label_rows, rollout
+    from edgelm.train.rollout import rollout_for_targets
 
     config = run.config
-    records = run.records("train")[: config.rollout.records]
-    labels = []
-    if config.distill.targets in ("label", "mixed"):
-        labels = label_rows(load_tokenizer(str(run.sft_final)), records, config.rollout.mode)
-    if config.distill.targets == "label":
-        write_jsonl(run.path("rollouts.jsonl"), labels)
-        return {"rows": len(labels), "label_rows": len(labels), "source": "label"}
-    stats = rollout(
-        str(run.sft_final), records, run.path("rollouts.jsonl"),
-        mode=config.rollout.mode, samples_per_prompt=config.rollout.samples_per_prompt,
-        max_new_tokens=config.rollout.max_new_tokens, temperature=config.rollout.temperature,
-        top_p=config.rollout.top_p, batch_size=config.rollout.batch_size, seed=config.seed,
-        engine=config.rollout.engine, chunk_rows=config.rollout.chunk_rows, precision=config.rollout.precision,
+    return rollout_for_targets(
+        str(run.sft_final), run.records("train")[: config.rollout.records], run.path("rollouts.jsonl"),
+        targets=config.distill.targets, mode=config.rollout.mode,
+        samples_per_prompt=config.rollout.samples_per_prompt, max_new_tokens=config.rollout.max_new_tokens,
+        temperature=config.rollout.temperature, top_p=config.rollout.top_p, batch_size=config.rollout.batch_size,
+        seed=config.seed, engine=config.rollout.engine, chunk_rows=config.rollout.chunk_rows,
+        precision=config.rollout.precision,
     )
-    if labels:
-        # Mixed mode scores and trains on both, so the reference answers go in the same rows file.
-        rollouts = [row for row in read_jsonl(run.path("rollouts.jsonl")) if row.get("source") != "label"]
-        write_jsonl(run.path("rollouts.jsonl"), rollouts + labels)
-        stats = {**stats, "rows": len(rollouts) + len(labels), "label_rows": len(labels)}
-    return stats
 
 
 def stage_teacher_sft(run: Run) -> dict:

@@ -273,6 +273,21 @@ def test_label_rows_have_own_keys(student_and_teacher):
     assert row_key({**row, "source": "rollout"}) == "r0/0"
 
 
+@pytest.mark.parametrize("targets, sources", [
+    ("on_policy", ["rollout", "rollout"]), ("label", ["label", "label"]), ("mixed", ["rollout", "rollout", "label", "label"]),
+])
+def test_rollout_command_writes_rows_for_each_target(tiny_model_dir, tmp_path, targets, sources):
+    """`edgelm rollout --targets` writes the rows `edgelm distill --targets` trains on."""
+    from edgelm.cli import main
+
+    records = [{"id": f"r{i}", "prompt": f"What is {i} plus 2?", "answer": str(i + 2), "reasoning": ""} for i in range(2)]
+    write_jsonl(tmp_path / "records.jsonl", records)
+    out = tmp_path / "rows.jsonl"
+    assert main(["rollout", "--model", str(tiny_model_dir), "--data", str(tmp_path / "records.jsonl"), "--out", str(out),
+                 "--targets", targets, "--max-new-tokens", "3"]) == 0
+    assert [row.get("source") for row in read_jsonl(out)] == sources
+
+
 # ---------------------------------------------------------------- scoring
 
 

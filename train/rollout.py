@@ -439,6 +439,29 @@ def merge_chunks(out_path: str | Path, origin: dict, wanted: set[tuple[str, int]
     return rows
 
 
+def rollout_for_targets(model_source: str, records: list[dict], out_path: str | Path, *, targets: str, mode: str, **settings) -> dict:
+    """Write the rows that distillation with `targets` trains on, and return rollout()'s stats.
+
+    "on_policy": the model's rollouts (rollout() with `settings`). "label": one row per record
+    with the reference answer, nothing generated. "mixed": the rollouts followed by the label
+    rows, so scoring and training read both from one file.
+    """
+    if targets not in ("on_policy", "label", "mixed"):
+        raise ValueError(f"targets={targets!r} is not one of ('on_policy', 'label', 'mixed')")
+    labels = []
+    if targets in ("label", "mixed"):
+        labels = label_rows(load_tokenizer(model_source), records, mode)
+    if targets == "label":
+        write_jsonl(out_path, labels)
+        return {"rows": len(labels), "label_rows": len(labels), "source": "label"}
+    stats = rollout(model_source, records, out_path, mode=mode, **settings)
+    if labels:
+        rollouts = [row for row in read_jsonl(out_path) if row.get("source") != "label"]
+        write_jsonl(out_path, rollouts + labels)
+        stats = {**stats, "rows": len(rollouts) + len(labels), "label_rows": len(labels)}
+    return stats
+
+
 def label_rows(tokenizer, records: list[dict], mode: str) -> list[dict]:
     """Rows whose response is the reference answer, for label-based and mixed distillation."""
     eos_id = tokenizer.eos_token_id
