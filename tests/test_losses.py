@@ -29,17 +29,20 @@ def reference(student_logits, teacher_logits, mask, loss, beta=0.5, temperature=
     """Full-vocabulary divergence in float64, written independently of edgelm.train.losses."""
     log_q = F.log_softmax(student_logits[mask].double() / temperature, dim=-1)
     log_p = F.log_softmax(teacher_logits[mask].double() / temperature, dim=-1)
+    return reference_divergence(log_p, log_q, loss, beta).mean() * temperature**2
+
+
+def reference_divergence(log_p, log_q, loss, beta):
+    """Per-row divergence `loss` between distributions given as log-probabilities."""
     p, q = log_p.exp(), log_q.exp()
     if loss == "forward_kl":
-        values = (p * (log_p - log_q)).sum(-1)
-    elif loss == "reverse_kl":
-        values = (q * (log_q - log_p)).sum(-1)
-    elif loss == "tv":
-        values = 0.5 * (p - q).abs().sum(-1)
-    else:
-        m = beta * p + (1 - beta) * q
-        values = beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
-    return values.mean() * temperature**2
+        return (p * (log_p - log_q)).sum(-1)
+    if loss == "reverse_kl":
+        return (q * (log_q - log_p)).sum(-1)
+    if loss == "tv":
+        return 0.5 * (p - q).abs().sum(-1)
+    m = beta * p + (1 - beta) * q
+    return beta * (p * (p / m).log()).sum(-1) + (1 - beta) * (q * (q / m).log()).sum(-1)
 
 
 @pytest.fixture
@@ -323,16 +326,7 @@ def reference_loss(student, labels, ids, logprobs, tail, mask, loss, alpha, beta
     log_q_tail = torch.logsumexp(log_q_all.scatter(-1, ids[mask], float("-inf")), dim=-1, keepdim=True)
     log_q = torch.cat([log_q_all.gather(-1, ids[mask]), log_q_tail], dim=-1)
     log_p = torch.cat([logprobs[mask], tail[mask].unsqueeze(-1)], dim=-1)
-    p, q = log_p.exp(), log_q.exp()
-    if loss == "forward_kl":
-        divergence = (p * (log_p - log_q)).sum(-1)
-    elif loss == "reverse_kl":
-        divergence = (q * (log_q - log_p)).sum(-1)
-    elif loss == "tv":
-        divergence = 0.5 * (p - q).abs().sum(-1)
-    else:
-        log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-        divergence = beta * (p * (log_p - log_m)).sum(-1) + (1 - beta) * (q * (log_q - log_m)).sum(-1)
+    divergence = reference_divergence(log_p, log_q, loss, beta)
     return (alpha * ce.sum() + (1 - alpha) * divergence.sum()) / int(mask.sum())
 
 
