@@ -221,7 +221,8 @@ def test_student_with_no_tail_mass(loss):
     student.grad = None
     parts = distillation_loss(student, ids[..., 0], ids, logprobs, torch.ones(1, 3, dtype=torch.bool), loss=loss)
     parts.loss.backward()
-    assert torch.isfinite(parts.loss) and torch.all(torch.isfinite(student.grad))
+    assert torch.isfinite(parts.loss)
+    assert torch.all(torch.isfinite(student.grad))
 
 
 def test_rejects_bad_settings(logits):
