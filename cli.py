@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output rows JSONL")
     p.add_argument("--mode", choices=["reasoning", "fast"], default="fast", help="answer mode (default: fast)")
     p.add_argument("--targets", choices=DISTILL_TARGETS, default="on_policy",
-                   help="rows for `edgelm distill --targets`: rollouts, reference answers (label) or both (default: on_policy)")
+                   help="rows written for `edgelm distill --targets`: rollouts, reference answers (label) or both (default: on_policy)")
     p.add_argument("--records", type=positive_int, help="answer the first N records (default: all)")
     p.add_argument("--samples", type=positive_int, default=1, help="answers per prompt (default: 1)")
     p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")

@@ -227,7 +227,7 @@ def test_inverse_cdf_sampler_row_seeds():
     assert torch.equal(together[:4], draws([10, 11, 12, 13], slice(0, 4)))
     assert torch.equal(together[2], draws([12], slice(2, 3))[0])
     assert not torch.equal(together[:4], together[4:])
-    with pytest.raises(ValueError, match="2 seeds but got scores for 8 rows"):
+    with pytest.raises(ValueError, match="2 seeds but received scores for 8 rows"):
         InverseCDFSampler([1, 2])(None, scores)
 
 

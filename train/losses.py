@@ -52,7 +52,7 @@ class _Distributions:
 
 
 class _StudentLogProbs(torch.autograd.Function):
-    """log q of [N, V] fp32 logits at the teacher's top-k ids, at the tail class and at the labels.
+    """Student log-probabilities at the teacher's top-k ids, the tail class and the labels, from [N, V] fp32 logits.
 
     Returns ([N, k], [N], [N]). The same values come from log_softmax, gather, scatter and
     logsumexp, but each of those builds an [N, V] tensor forward and another backward. For 384
@@ -117,6 +117,7 @@ def _topk_distributions(
         return _Distributions(log_p.exp(), _finite_log(log_p), log_q.exp(), _finite_log(log_q))
 
     if student_log_probs is None:
+        # No labels here, so the first top-k id stands in for them and that output is dropped.
         log_q_topk, log_q_tail, _ = _StudentLogProbs.apply(student, ids, ids[:, 0])
     else:
         log_q_topk, log_q_tail = student_log_probs
@@ -212,7 +213,7 @@ def _selected_divergence(
     teacher_tail_logprob: torch.Tensor | None, loss: str, beta: float, temperature: float,
     student_log_probs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """topk_divergence on the student's [N, V] fp32 logits at the `mask` positions of the teacher tensors."""
+    """Return topk_divergence of the student's selected [N, V] fp32 logits against the `mask` positions of the teacher tensors."""
     ids = teacher_ids[mask].long()
     teacher = teacher_logprobs[mask].float()
     tail = teacher_tail_logprob[mask].float() if teacher_tail_logprob is not None else None

@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from edgelm.config import DISTILL_TARGETS
 from edgelm.files import read_jsonl, write_jsonl
 from edgelm.train.chat import prompt_ids, target_text
 from edgelm.train.distributed import ProcessInfo, barrier, gather_objects, process_info, shard_for_rank
@@ -66,7 +67,10 @@ class InverseCDFSampler(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if len(scores) != len(self.seeds):
-            raise ValueError(f"InverseCDFSampler has {len(self.seeds)} seeds but got scores for {len(scores)} rows")
+            raise ValueError(
+                f"InverseCDFSampler has {len(self.seeds)} seeds but received scores for {len(scores)} rows; "
+                f"pass one seed per prompt"
+            )
         if not self.generators:
             self.generators = [torch.Generator(scores.device).manual_seed(seed) for seed in self.seeds]
         cumulative = torch.softmax(scores.float(), dim=-1).double().cumsum(dim=-1)
@@ -446,8 +450,8 @@ def rollout_for_targets(model_source: str, records: list[dict], out_path: str | 
     with the reference answer, nothing generated. "mixed": the rollouts followed by the label
     rows, so scoring and training read both from one file.
     """
-    if targets not in ("on_policy", "label", "mixed"):
-        raise ValueError(f"targets={targets!r} is not one of ('on_policy', 'label', 'mixed')")
+    if targets not in DISTILL_TARGETS:
+        raise ValueError(f"invalid targets={targets!r}; use one of {DISTILL_TARGETS}")
     labels = []
     if targets in ("label", "mixed"):
         labels = label_rows(load_tokenizer(model_source), records, mode)
