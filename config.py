@@ -306,7 +306,7 @@ class ParityConfig:
     """Static int8 QDQ variant against the fp32 ONNX graph."""
     int8_weight: ParityThresholds = field(default_factory=lambda: ParityThresholds(5.0, 0.9, 0.05, 0.5))
     """Weight-only int8 variant against the fp32 ONNX graph."""
-    int4: ParityThresholds = field(default_factory=lambda: ParityThresholds(20.0, 0.7, 0.25, 0.5))
+    int4: ParityThresholds = field(default_factory=lambda: ParityThresholds(30.0, 0.7, 0.25, 0.5))
     """Weight-only int4 variant against the fp32 ONNX graph."""
     ascend: ParityThresholds = field(default_factory=ParityThresholds)
     """Static Ascend prefill graph (onnxruntime CPU) against the dynamic fp32 ONNX graph."""

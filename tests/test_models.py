@@ -72,6 +72,14 @@ def test_cache_root_follows_the_environment(tmp_path, monkeypatch):
     assert cache_root() == tmp_path / "xdg" / "edgelm"
 
 
+def test_cache_root_relative_setting(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGELM_CACHE_DIR", "my-cache")
+    with caplog.at_level("WARNING"):
+        assert cache_root() == tmp_path / "my-cache"
+    assert "EDGELM_CACHE_DIR=my-cache is a relative path" in caplog.text
+
+
 def test_cache_folder_keys_on_gguf_content(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGELM_CACHE_DIR", str(tmp_path / "cache"))
     (tmp_path / "a.gguf").write_bytes(b"GGUF one")

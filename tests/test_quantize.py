@@ -99,6 +99,12 @@ def test_strict_threshold_names_config_key(fp32_export, tmp_path):
     assert not target.exists()
 
 
+def test_int8_parity_failure_suggests_int8_weight(fp32_export, tmp_path):
+    out, _ = fp32_export
+    with pytest.raises(ParityError, match=r"another scheme: int8-weight keeps activations in fp32"):
+        quantize(out, tmp_path / "int8", "int8", strict=True, thresholds={"min_top1_agreement": 1.0})
+
+
 def test_int4_quantizes_lm_head_and_embedding(quantized_exports):
     folder, manifest = quantized_exports["int4"]
     notes = manifest["quantization"]

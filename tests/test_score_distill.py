@@ -350,7 +350,7 @@ def test_score_rows_in_bf16(student_and_teacher, tmp_path):
         # A tiny random model's distribution is nearly flat, so only the top value is compared.
         np.testing.assert_allclose(low.topk_logprobs[:, 0], full.topk_logprobs[:, 0], atol=0.05)
     assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["teacher_dtype"] == "bfloat16"
-    with pytest.raises(ValueError, match="scored with the teacher in bfloat16 and this run loads it in float32"):
+    with pytest.raises(ValueError, match=r"scored with the teacher in bf16 \(bfloat16\) and this run scores in fp32.*--precision bf16"):
         score_rows(teacher, rows, tmp_path / "bf16", top_k=8, teacher_id="fp32")
 
 

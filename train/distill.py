@@ -26,6 +26,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.utils import is_torch_npu_available
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
+from edgelm.config import DISTILL_TARGETS, PRECISIONS
 from edgelm.files import read_jsonl_with
 from edgelm.train.distributed import gather_objects
 from edgelm.train.logit_store import RESCORE, LogitStore
@@ -41,8 +42,6 @@ log = logging.getLogger(__name__)
 # "labels" is there only so that Trainer counts the target tokens of each optimizer step
 # (num_items_in_batch), which it reads from the already shifted "shift_labels".
 TARGET_KEYS = ("labels", "shift_labels", "teacher_ids", "teacher_logprobs", "teacher_tail_logprob", "teacher_mask")
-TARGET_MODES = ("on_policy", "label", "mixed")
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -424,8 +423,8 @@ def load_examples(rows: list[dict], store: LogitStore, max_length: int) -> tuple
 
 def select_rows(rows: list[dict], targets: str) -> list[dict]:
     """Return the rows that distill.targets trains on: rollouts, label rows, or both for 'mixed'."""
-    if targets not in TARGET_MODES:
-        raise ValueError(f"targets={targets!r} is not one of {TARGET_MODES}")
+    if targets not in DISTILL_TARGETS:
+        raise ValueError(f"targets={targets!r} is not one of {DISTILL_TARGETS}")
     if targets == "mixed":
         return rows
     wanted = "label" if targets == "label" else "rollout"

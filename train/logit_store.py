@@ -60,6 +60,8 @@ LSE_BYTES = 4
 
 # Memory maps keep a file descriptor open, so only this many shards stay mapped at once.
 _MAX_OPEN_SHARDS = 64
+# The header's torch dtype names, mapped to the names that --precision and the config take.
+_PRECISION_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 # How to score again, for both ways of running the score stage.
 RESCORE = (
@@ -263,8 +265,12 @@ class LogitStoreWriter:
             stored_dtype = header.get("teacher_dtype")
             dtype_note = ""
             if stored_dtype and self.teacher_dtype and stored_dtype != self.teacher_dtype:
-                dtype_note = (f"; the store was scored with the teacher in {stored_dtype} and this run loads it in "
-                              f"{self.teacher_dtype}, so scoring in {stored_dtype} again would resume it")
+                stored_name = _PRECISION_NAMES.get(stored_dtype, stored_dtype)
+                current_name = _PRECISION_NAMES.get(self.teacher_dtype, self.teacher_dtype)
+                dtype_note = (f"; the store was scored with the teacher in {stored_name} ({stored_dtype}) and this run "
+                              f"scores in {current_name}, so scoring in {stored_name} again would resume it "
+                              f"(`edgelm score --precision {stored_name}`, or distill.score_precision: {stored_name} "
+                              f"in the pipeline)")
             raise ValueError(
                 f"logit store {self.out_dir} was written with {stored}, but this writer uses {requested} "
                 f"(the teacher id changes with the teacher's weights, config and the precision it scores in)"

@@ -16,6 +16,7 @@ keyed by the SHA-256 of the GGUF file, and later loads read that folder (under a
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -183,14 +184,25 @@ def _load_folder(source: ModelSource, dtype: torch.dtype) -> tuple[PreTrainedMod
 def cache_root() -> Path | None:
     """Return edgelm's cache folder, or None when the EDGELM_CACHE_DIR environment variable is "off".
 
-    The folder is $EDGELM_CACHE_DIR, else $XDG_CACHE_HOME/edgelm, else ~/.cache/edgelm.
+    The folder is $EDGELM_CACHE_DIR, else $XDG_CACHE_HOME/edgelm, else ~/.cache/edgelm. A relative
+    $EDGELM_CACHE_DIR is taken from the current directory, with a warning.
     """
     setting = os.environ.get(CACHE_ENV, "").strip()
     if setting.lower() == "off":
         return None
     if setting:
-        return Path(setting).expanduser()
+        folder = Path(setting).expanduser()
+        if not folder.is_absolute():
+            folder = folder.resolve()
+            _warn_relative_cache_once(setting, folder)
+        return folder
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgelm"
+
+
+@functools.cache
+def _warn_relative_cache_once(setting: str, folder: Path) -> None:
+    log.warning("%s=%s is a relative path, so the cache moves with the current directory; using %s. "
+                "Set an absolute path to keep one cache.", CACHE_ENV, setting, folder)
 
 
 def gguf_cache_folder(source: ModelSource) -> Path | None:
