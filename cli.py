@@ -170,7 +170,7 @@ def _interrupted_message(command: str | None) -> str:
 
 def cmd_quantize(args) -> int:
     from edgelm.export.onnx_export import MANIFEST_NAME, read_manifest
-    from edgelm.export.quantize import quantize
+    from edgelm.export.quantize import MORE_ACCURATE, quantize
 
     options = {}
     if args.scheme == "int4":
@@ -196,8 +196,9 @@ def cmd_quantize(args) -> int:
     if parity.get("passed") is False and not args.allow_parity_failure:
         logging.getLogger("edgelm").error(
             "the %s variant in %s failed its parity check: %s. The folder is kept (see parity.json); pass "
-            "--allow-parity-failure to accept it with exit status 0, or choose more accurate settings",
-            args.scheme, args.out, "; ".join(parity.get("failures", [])))
+            "--allow-parity-failure to accept it with exit status 0, or choose more accurate settings%s",
+            args.scheme, args.out, "; ".join(parity.get("failures", [])),
+            f". Another scheme: {MORE_ACCURATE[args.scheme]}" if args.scheme in MORE_ACCURATE else "")
         return 1
     return 0
 

@@ -133,6 +133,15 @@ def test_quantize_parity_failure_exit_status(monkeypatch, caplog, extra, status)
     assert ("failed its parity check: top1_agreement 0.25 < 0.8" in caplog.text) == (status == 1)
 
 
+def test_quantize_int8_parity_failure_names_int8_weight(monkeypatch, caplog):
+    import edgelm.export.quantize as quantize_module
+
+    failed = {"variant": "int8", "parity": {"passed": False, "failures": ["ppl_increase 0.5 > 0.25"]}}
+    monkeypatch.setattr(quantize_module, "quantize", lambda *args, **kwargs: failed)
+    assert main(["quantize", "--onnx", "in", "--out", "out", "--scheme", "int8"]) == 1
+    assert "Another scheme: int8-weight keeps activations in fp32" in caplog.text
+
+
 def test_quantize_passes_gptq_options(monkeypatch):
     import edgelm.export.quantize as quantize_module
 

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -78,6 +80,16 @@ def test_cache_root_relative_setting(tmp_path, monkeypatch, caplog):
     with caplog.at_level("WARNING"):
         assert cache_root() == tmp_path / "my-cache"
     assert "EDGELM_CACHE_DIR=my-cache is a relative path" in caplog.text
+
+
+def test_cache_root_without_home_or_with_relative_xdg(tmp_path, monkeypatch):
+    monkeypatch.delenv("EDGELM_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative-xdg")
+    assert cache_root() == Path.home() / ".cache" / "edgelm"
+    monkeypatch.setenv("EDGELM_CACHE_DIR", "~no-such-user-edgelm/cache")
+    assert cache_root() is None
+    # A folder that is not a GGUF file never needs the cache, so a bad setting does not matter.
+    assert gguf_cache_folder(ModelSource(str(tmp_path), None)) is None
 
 
 def test_cache_folder_keys_on_gguf_content(tmp_path, monkeypatch):

@@ -352,6 +352,10 @@ def test_score_rows_in_bf16(student_and_teacher, tmp_path):
     assert json.loads((tmp_path / "bf16" / "manifest.json").read_text())["teacher_dtype"] == "bfloat16"
     with pytest.raises(ValueError, match=r"scored with the teacher in bf16 \(bfloat16\) and this run scores in fp32.*--precision bf16"):
         score_rows(teacher, rows, tmp_path / "bf16", top_k=8, teacher_id="fp32")
+    # With top_k changed too, scoring in bf16 again would not resume the store, so no advice.
+    with pytest.raises(ValueError) as error:
+        score_rows(teacher, rows, tmp_path / "bf16", top_k=4, teacher_id="fp32")
+    assert "--precision" not in str(error.value)
 
 
 def test_padding_fraction_drops_when_sorted(student_and_teacher, tmp_path):

@@ -457,7 +457,7 @@ def distill(
     beta: float = 0.5,
     temperature: float = 1.0,
     targets: str = "on_policy",
-    label_fraction: float = 0.5,
+    label_fraction: float = 0.25,
     learning_rate: float = 5e-5,
     epochs: float = 1.0,
     batch_size: int = 8,

@@ -264,13 +264,15 @@ class LogitStoreWriter:
         if not same_teacher or stored["top_k"] != self.top_k or stored["vocab_size"] != self.vocab_size:
             stored_dtype = header.get("teacher_dtype")
             dtype_note = ""
-            if stored_dtype and self.teacher_dtype and stored_dtype != self.teacher_dtype:
+            same_shape = stored["top_k"] == self.top_k and stored["vocab_size"] == self.vocab_size
+            if same_shape and stored_dtype and self.teacher_dtype and stored_dtype != self.teacher_dtype:
+                # The id hashes the precision with the weights, so only the dtypes can be compared here.
                 stored_name = _PRECISION_NAMES.get(stored_dtype, stored_dtype)
                 current_name = _PRECISION_NAMES.get(self.teacher_dtype, self.teacher_dtype)
                 dtype_note = (f"; the store was scored with the teacher in {stored_name} ({stored_dtype}) and this run "
-                              f"scores in {current_name}, so scoring in {stored_name} again would resume it "
-                              f"(`edgelm score --precision {stored_name}`, or distill.score_precision: {stored_name} "
-                              f"in the pipeline)")
+                              f"scores in {current_name}: if the teacher is otherwise the same, scoring in "
+                              f"{stored_name} again resumes the store (`edgelm score --precision {stored_name}`, "
+                              f"or distill.score_precision: {stored_name} in the pipeline)")
             raise ValueError(
                 f"logit store {self.out_dir} was written with {stored}, but this writer uses {requested} "
                 f"(the teacher id changes with the teacher's weights, config and the precision it scores in)"

@@ -185,24 +185,32 @@ def cache_root() -> Path | None:
     """Return edgelm's cache folder, or None when the EDGELM_CACHE_DIR environment variable is "off".
 
     The folder is $EDGELM_CACHE_DIR, else $XDG_CACHE_HOME/edgelm, else ~/.cache/edgelm. A relative
-    $EDGELM_CACHE_DIR is taken from the current directory, with a warning.
+    $EDGELM_CACHE_DIR is taken from the current directory, with a warning; a relative
+    $XDG_CACHE_HOME is ignored. With no home folder to expand "~" in, the cache is off.
     """
     setting = os.environ.get(CACHE_ENV, "").strip()
     if setting.lower() == "off":
         return None
-    if setting:
-        folder = Path(setting).expanduser()
-        if not folder.is_absolute():
-            folder = folder.resolve()
-            _warn_relative_cache_once(setting, folder)
-        return folder
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgelm"
+    try:
+        if setting:
+            folder = Path(setting).expanduser()
+            if not folder.is_absolute():
+                folder = folder.resolve()
+                _warn_cache_setting_once(f"{CACHE_ENV}={setting} is a relative path, so the cache moves with the "
+                                         f"current directory; using {folder}. Set an absolute path to keep one cache.")
+            return folder
+        # Since version 0.7 the XDG Base Directory specification treats a relative path as invalid, to be ignored.
+        xdg = Path(os.environ.get("XDG_CACHE_HOME") or "")
+        return (xdg if xdg.is_absolute() else Path.home() / ".cache") / "edgelm"
+    except RuntimeError as error:  # expanduser or home() found no home folder
+        _warn_cache_setting_once(f"edgelm's cache is off: no cache folder from {CACHE_ENV}={setting!r} ({error}); "
+                                 f"set {CACHE_ENV} to an absolute folder")
+        return None
 
 
 @functools.cache
-def _warn_relative_cache_once(setting: str, folder: Path) -> None:
-    log.warning("%s=%s is a relative path, so the cache moves with the current directory; using %s. "
-                "Set an absolute path to keep one cache.", CACHE_ENV, setting, folder)
+def _warn_cache_setting_once(message: str) -> None:
+    log.warning(message)
 
 
 def gguf_cache_folder(source: ModelSource) -> Path | None:
@@ -211,8 +219,10 @@ def gguf_cache_folder(source: ModelSource) -> Path | None:
     None for a source that is not a GGUF file and when the cache is off. The folder name contains
     the GGUF file's SHA-256, the transformers and gguf versions that converted it and CACHE_FORMAT.
     """
+    if not source.gguf_file:
+        return None
     root = cache_root()
-    if root is None or not source.gguf_file:
+    if root is None:
         return None
     gguf = Path(source.location) / source.gguf_file
     digest = sha256_of_files([gguf])[:16]
