@@ -32,6 +32,7 @@ from onnx import numpy_helper
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from edgelm.export.parity import ParityError
 from edgelm.files import atomic_dir, write_json
 from edgelm.train.models import end_of_turn_token, load_model
 
@@ -61,10 +62,6 @@ PARITY_QUESTIONS = (
     "Name a color of the sky.",
     "Tom has 3 apples and buys 5 more. How many apples does he have?",
 )
-
-
-class ParityError(RuntimeError):
-    """The exported model's logits or greedy tokens differ from the reference beyond tolerance."""
 
 
 @dataclass(frozen=True)

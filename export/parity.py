@@ -23,6 +23,10 @@ import numpy as np
 
 from edgelm.files import write_json
 
+class ParityError(RuntimeError):
+    """The exported model's logits or greedy tokens differ from the reference beyond tolerance."""
+
+
 log = logging.getLogger(__name__)
 
 PARITY_FILE = "parity.json"
