@@ -157,10 +157,18 @@ def cmd_export(args) -> int:
     return 0
 
 
-def _interrupted_message(command: str | None) -> str:
+# Subcommands whose --out folder is replaced as a whole when they finish.
+FOLDER_OUTPUTS = ("student", "sft", "distill", "export", "quantize", "ascend")
+
+
+def _interrupted_message(args) -> str:
     """Return what to run after Ctrl-C, which depends on how the command resumes."""
+    command = args.command
     if command == "pipeline":
         return "interrupted; finished pipeline stages are kept, so the same command resumes"
+    if command == "sft" and not args.save_steps:
+        return ("interrupted; no checkpoint was saved, so running the command again starts over "
+                "(add --save-steps N to save checkpoints that --resume continues from)")
     if command == "sft":
         return "interrupted; add --resume to the same command to continue from its last checkpoint"
     if command in ("rollout", "score"):
@@ -465,9 +473,13 @@ def main(argv: list[str] | None = None) -> int:
     import yaml
 
     try:
+        if args.command in FOLDER_OUTPUTS:
+            from edgelm.files import check_output_folder
+
+            check_output_folder(args.out)
         return args.func(args)
     except KeyboardInterrupt:
-        logging.getLogger("edgelm").error(_interrupted_message(args.command))
+        logging.getLogger("edgelm").error(_interrupted_message(args))
         return 130
     except (ValueError, OSError, ImportError, yaml.YAMLError) as error:
         # Invalid input and missing files or packages: one line, the traceback only with -v.

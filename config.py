@@ -55,6 +55,31 @@ class DataConfig:
     """Held-out data for evaluation, same formats as `train`."""
 
 
+# Ranges of the numeric SFT settings. The config checks them, and so does run_sft_stage for the
+# callers that bypass the config (the CLI, the Python API). NaN fails every rule.
+SFT_RANGES = {
+    "fast_ratio": (lambda value: 0 <= value <= 1, "in [0, 1]"),
+    "epochs": (lambda value: value > 0, "> 0"),
+    "learning_rate": (lambda value: 0 < value < 1, "in (0, 1)"),
+    "batch_size": (lambda value: value >= 1, ">= 1"),
+    "grad_accum": (lambda value: value >= 1, ">= 1"),
+    "max_length": (lambda value: value >= 16, ">= 16"),
+    "warmup_ratio": (lambda value: 0 <= value < 1, "in [0, 1)"),
+    "buckets": (lambda value: value >= 1, ">= 1"),
+    "initial_competence": (lambda value: 0 < value <= 1, "in (0, 1]"),
+    "full_competence_at": (lambda value: value > 0, "> 0"),
+    "scoring_batch_size": (lambda value: value >= 1, ">= 1"),
+}
+
+
+def _require_sft_ranges(section, key: str) -> None:
+    """Check the SFT_RANGES settings that `section` has."""
+    for name, (in_range, text) in SFT_RANGES.items():
+        if hasattr(section, name):
+            value = getattr(section, name)
+            _require(in_range(value), f"{key}.{name}", f"must be {text}, got {value}")
+
+
 @dataclass
 class SFTStageConfig:
     name: str = "reasoning"
@@ -75,10 +100,8 @@ class SFTStageConfig:
         _require(bool(STAGE_NAME.fullmatch(self.name)), f"{key}.name",
                  f"must contain only letters, digits, '_' and '-' (it names a folder), got {self.name!r}")
         _require(self.mode in SFT_MODES, f"{key}.mode", f"must be one of {SFT_MODES}, got {self.mode!r}")
-        _require(0 <= self.fast_ratio <= 1, f"{key}.fast_ratio", f"must be in [0, 1], got {self.fast_ratio}")
         _require(self.records >= 1, f"{key}.records", f"must be >= 1, got {self.records}")
-        _require(self.epochs > 0, f"{key}.epochs", f"must be > 0, got {self.epochs}")
-        _require(0 < self.learning_rate < 1, f"{key}.learning_rate", f"must be in (0, 1), got {self.learning_rate}")
+        _require_sft_ranges(self, key)
 
 
 @dataclass
@@ -128,19 +151,11 @@ class SFTConfig:
         _require(len(set(names)) == len(names), f"{key}.stages", f"stage names must be unique, got {names}")
         for index, stage in enumerate(self.stages):
             stage.validate(f"{key}.stages[{index}]")
-        _require(self.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.grad_accum >= 1, f"{key}.grad_accum", f"must be >= 1, got {self.grad_accum}")
-        _require(self.max_length >= 16, f"{key}.max_length", f"must be >= 16, got {self.max_length}")
+        _require_sft_ranges(self, key)
         _require(self.overlong in ("skip", "truncate"), f"{key}.overlong", f"must be 'skip' or 'truncate', got {self.overlong!r}")
-        _require(0 <= self.warmup_ratio < 1, f"{key}.warmup_ratio", f"must be in [0, 1), got {self.warmup_ratio}")
         _require(self.difficulty in SFT_DIFFICULTIES, f"{key}.difficulty",
                  f"must be one of {SFT_DIFFICULTIES}, got {self.difficulty!r}")
         _require(self.pacing in SFT_PACINGS, f"{key}.pacing", f"must be one of {SFT_PACINGS}, got {self.pacing!r}")
-        _require(self.buckets >= 1, f"{key}.buckets", f"must be >= 1, got {self.buckets}")
-        _require(0 < self.initial_competence <= 1, f"{key}.initial_competence",
-                 f"must be in (0, 1], got {self.initial_competence}")
-        _require(self.full_competence_at > 0, f"{key}.full_competence_at", f"must be > 0, got {self.full_competence_at}")
-        _require(self.scoring_batch_size >= 1, f"{key}.scoring_batch_size", f"must be >= 1, got {self.scoring_batch_size}")
         _require(self.save_steps >= 0, f"{key}.save_steps", f"must be >= 0 (0 saves no checkpoint), got {self.save_steps}")
         _require(self.save_total_limit >= 1, f"{key}.save_total_limit", f"must be >= 1, got {self.save_total_limit}")
 

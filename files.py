@@ -82,6 +82,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
+# Files that mark a folder as an edgelm output, or a model folder that save_pretrained wrote.
+OUTPUT_MARKERS = ("config.json", "edgelm_export.json", "sft_state.json", "mask_report.json")
+
+
+def check_output_folder(path: str | os.PathLike, name: str = "--out") -> None:
+    """Raise ValueError when `path` contains files but is neither an edgelm output nor a model folder.
+
+    Outputs replace their whole folder (atomic_dir), so a folder of other files, such as the
+    input data, would be lost. `name` is the flag or parameter that the message names.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} is a file; give a folder to write the output into")
+    if not path.is_dir():
+        return
+    entries = sorted(entry.name for entry in path.iterdir())
+    if not entries or set(entries) & set(OUTPUT_MARKERS):
+        return
+    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise ValueError(f"{name} {path} contains files that edgelm did not write ({shown}); the output replaces the "
+                     f"whole folder, so give a new or empty folder")
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")

@@ -119,8 +119,18 @@ def test_interrupted_sft_names_resume(monkeypatch, caplog):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(cli, "cmd_sft", interrupted)
-    assert main(["sft", "--model", "m", "--data", "d", "--out", "o"]) == 130
+    assert main(["sft", "--model", "m", "--data", "d", "--out", "o", "--save-steps", "5"]) == 130
     assert "add --resume to the same command" in caplog.text
+    caplog.clear()
+    assert main(["sft", "--model", "m", "--data", "d", "--out", "o"]) == 130
+    assert "no checkpoint was saved" in caplog.text
+
+
+def test_out_folder_of_other_files_is_refused(tmp_path, caplog):
+    (tmp_path / "records.jsonl").write_text("{}\n")
+    assert main(["sft", "--model", "m", "--data", str(tmp_path / "records.jsonl"), "--out", str(tmp_path)]) == 2
+    assert "contains files that edgelm did not write (records.jsonl)" in caplog.text
+    assert (tmp_path / "records.jsonl").is_file()
 
 
 @pytest.mark.parametrize("extra, status", [([], 1), (["--allow-parity-failure"], 0)])

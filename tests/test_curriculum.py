@@ -103,6 +103,20 @@ def test_sampler_grad_accum_uses_optimizer_steps():
     assert max(order[:16]) < 16
 
 
+@pytest.mark.parametrize("pacing", ["buckets", "linear", "sqrt"])
+def test_sampler_same_steps_for_any_accumulation_split(pacing):
+    scores = [i % 9 for i in range(50)]  # 50 is no multiple of 8: the last step is shorter
+    orders = [make_sampler(scores, pacing=pacing, batch_size=size, grad_accum=8 // size, total_steps=14).epoch_order(1)
+              for size in (1, 2, 8)]
+    assert orders[0] == orders[1] == orders[2]
+
+
+def test_sampler_step_count_matches_the_trainer():
+    # 7 micro-batches accumulated 2 at a time: the Trainer runs 4 steps per epoch, the last one short.
+    sampler = make_sampler(list(range(28)), pacing="linear", grad_accum=2, total_steps=8)
+    assert sampler.steps_per_epoch == 4
+
+
 def test_sampler_slow_competence_orders_easy_to_hard():
     scores = list(range(40))
     # Full competence only after 4 stage lengths: the pool widens one batch at a time.

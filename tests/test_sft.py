@@ -10,7 +10,14 @@ from edgelm.train.difficulty import ScoringContext, get_scorer, per_example_loss
 from edgelm.train.models import load_model
 from edgelm.train.packing import collate_packed
 from edgelm.train.sft import encode_records, record_modes, run_sft_stage
-from edgelm.train.trainer_setup import AnswerLossTrainer, answer_loss, pad_batch, training_arguments
+from edgelm.train.trainer_setup import (
+    TRAINER_STATE,
+    AnswerLossTrainer,
+    answer_loss,
+    last_complete_checkpoint,
+    pad_batch,
+    training_arguments,
+)
 
 
 def make_records(count):
@@ -54,8 +61,51 @@ def test_encode_records_mask_report(tiny_model_dir):
 
     # Cut inside the prompt, nothing of the reply is left to train.
     _, _, report = encode_records(tokenizer, records[:1], ["fast"], prompt_length - 2, "truncate")
-    assert report["no_trainable_tokens"] == 1
+    assert report["truncated_to_no_answer"] == 1
+    assert report["no_trainable_tokens"] == 0
     assert report["examples"] == 0
+
+
+def test_steps_scorer_names_a_record_without_difficulty():
+    records = make_records(3)
+    del records[1]["difficulty"]
+    context = ScoringContext(records=records, examples=[], modes=[], tokenizer=None, max_length=64, model=None)
+    with pytest.raises(ValueError, match=r"record r1 has difficulty=None.*--difficulty length"):
+        get_scorer("steps").score(context)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"epochs": 0}, "epochs=0 must be > 0"),
+    ({"learning_rate": float("nan")}, "learning_rate=nan must be in"),
+    ({"grad_accum": 0}, "grad_accum=0 must be >= 1"),
+    ({"initial_competence": -3}, "initial_competence=-3 must be in"),
+])
+def test_sft_stage_rejects_settings_before_loading(tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        run_sft_stage("no-such-model", make_records(2), tmp_path / "sft", mode="fast", **settings)
+    assert not (tmp_path / "sft").exists()
+
+
+def test_sft_stage_refuses_a_folder_of_other_files(tiny_model_dir, tmp_path):
+    (tmp_path / "records.jsonl").write_text("{}\n")
+    with pytest.raises(ValueError, match="contains files that edgelm did not write"):
+        run_sft_stage(str(tiny_model_dir), make_records(2), tmp_path, mode="fast")
+    with pytest.raises(ValueError, match="is the input model's folder"):
+        run_sft_stage(str(tiny_model_dir), make_records(2), tiny_model_dir, mode="fast")
+    assert (tmp_path / "records.jsonl").is_file()
+
+
+def test_resume_skips_a_checkpoint_whose_save_was_killed(tmp_path):
+    for step, state in ((5, "{}"), (10, None), (15, '{"global_step"')):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("x")
+        if state is not None:
+            (folder / TRAINER_STATE).write_text(state)
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert not (tmp_path / "checkpoint-10").exists()
+    assert not (tmp_path / "checkpoint-15").exists()
+    assert last_complete_checkpoint(tmp_path / "none") is None
 
 
 def test_record_modes_mixed_is_seeded():

@@ -84,8 +84,9 @@ def rank_by_difficulty(scores: Sequence[float], seed: int) -> list[int]:
 class CurriculumSampler(torch.utils.data.Sampler[int]):
     """Yield one epoch of dataset indices, paced easy to hard; a pure function of (seed, scores, epoch).
 
-    Micro-batch j of epoch e belongs to optimizer step (e * batches_per_epoch + j) // grad_accum,
-    and its `batch_size` indices come from the easiest c(step) fraction of the examples. The
+    Optimizer step s of epoch e is step e * steps_per_epoch + s of the stage. Its
+    batch_size * grad_accum indices are drawn together from the easiest c(step) fraction of the
+    examples, then split into micro-batches, so 1 x 8 and 8 x 1 train the same examples. The
     Trainer calls `set_epoch` before each epoch, and on resume it skips the batches already
     trained, so a resumed run reads exactly the batches the uninterrupted run would have read.
     `set_scores` replaces the difficulty scores (self-paced scoring recomputes them each epoch).
@@ -134,6 +135,11 @@ class CurriculumSampler(torch.utils.data.Sampler[int]):
     def batches_per_epoch(self) -> int:
         return math.ceil(len(self.scores) / self.batch_size)
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch, as the Trainer counts them: a last, shorter step included."""
+        return math.ceil(self.batches_per_epoch / self.grad_accum)
+
     def competence_at(self, step: int) -> float:
         return competence(self.pacing, step, self.full_competence_at * self.total_steps,
                           self.initial_competence, self.buckets)
@@ -151,11 +157,14 @@ class CurriculumSampler(torch.utils.data.Sampler[int]):
         ranked = rank_by_difficulty(self.scores, self.seed)
         seen = [False] * count
         order: list[int] = []
-        for batch in range(self.batches_per_epoch):
-            step = (epoch * self.batches_per_epoch + batch) // self.grad_accum
-            size = min(self.batch_size, count - len(order))
+        # One draw per optimizer step, split into micro-batches by the data loader, so that the
+        # same examples make up a step whatever the split between batch_size and grad_accum.
+        per_step = self.batch_size * self.grad_accum
+        for step_in_epoch in range(self.steps_per_epoch):
+            step = epoch * self.steps_per_epoch + step_in_epoch
+            size = min(per_step, count - len(order))
             # The pool is the easiest c(step) fraction, widened to the next easiest examples when it
-            # has fewer unseen ones than the batch needs: an epoch never repeats an example.
+            # has fewer unseen ones than the step needs: an epoch never repeats an example.
             pool_size = max(math.ceil(self.competence_at(step) * count), len(order) + size)
             unseen = [index for index in ranked[:pool_size] if not seen[index]]
             chosen = rng.sample(unseen, size)

@@ -12,6 +12,7 @@ Every scorer takes a `ScoringContext` and returns one float per example.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -83,7 +84,20 @@ def per_example_loss(model: PreTrainedModel, examples: list[dict], pad_token_id:
 
 
 def score_steps(context: ScoringContext) -> list[float]:
-    return [float(record["difficulty"]) for record in context.records]
+    scores = []
+    for index, record in enumerate(context.records):
+        value = record.get("difficulty")
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            score = math.nan
+        if not math.isfinite(score):
+            raise ValueError(
+                f"record {record.get('id', index)} has difficulty={value!r}; the 'steps' scorer needs a number "
+                f"(records from `edgelm data` have one), or choose another scorer (--difficulty length)"
+            )
+        scores.append(score)
+    return scores
 
 
 def score_length(context: ScoringContext) -> list[float]:

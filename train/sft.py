@@ -35,22 +35,40 @@ from functools import partial
 from pathlib import Path
 
 from transformers import PrinterCallback, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from edgelm.files import write_json
+from edgelm.config import SFT_RANGES
+from edgelm.files import check_output_folder, write_json
 from edgelm.train.chat import IGNORE_INDEX, check_mode, encode_example, has_generation_markers
 from edgelm.train.curriculum import PACINGS, CurriculumSampler
 from edgelm.train.difficulty import ScoringContext, get_scorer
 from edgelm.train.models import load_model, save_model
 from edgelm.train.packing import collate_packed, pack_examples
 from edgelm.train.preflight import check_sequence_lengths, max_positions
-from edgelm.train.trainer_setup import AnswerLossTrainer, ProgressLine, pad_batch, training_arguments
+from edgelm.train.trainer_setup import (
+    AnswerLossTrainer,
+    ProgressLine,
+    last_complete_checkpoint,
+    pad_batch,
+    training_arguments,
+)
 
 log = logging.getLogger(__name__)
 
 SFT_MODES = ("reasoning", "fast", "mixed")
 MASK_REPORT = "mask_report.json"
 STATE_FILE = "sft_state.json"
+
+
+def check_stage_settings(settings: dict) -> None:
+    """Raise ValueError for a numeric setting out of its range (config.SFT_RANGES), NaN included."""
+    for name, (in_range, text) in SFT_RANGES.items():
+        value = settings[name]
+        try:
+            valid = in_range(value)
+        except TypeError:
+            valid = False
+        if not valid:
+            raise ValueError(f"{name}={value!r} must be {text}")
 
 
 def record_modes(count: int, mode: str, fast_ratio: float, seed: int) -> list[str]:
@@ -75,7 +93,7 @@ def encode_records(
     if overlong not in ("skip", "truncate"):
         raise ValueError(f"overlong must be 'skip' or 'truncate', got {overlong!r}")
     kept, examples, trained_counts = [], [], []
-    skipped = truncated = empty = 0
+    skipped = truncated = truncated_empty = empty = 0
     for index, (record, mode) in enumerate(zip(records, modes)):
         example = encode_example(tokenizer, record, mode, max_length, truncate=overlong == "truncate")
         if example is None:
@@ -84,7 +102,11 @@ def encode_records(
         # The first token has no logits before it, so it can never be trained.
         trained = sum(label != IGNORE_INDEX for label in example["labels"][1:])
         if trained == 0:
-            empty += 1
+            # Truncation can cut away the whole answer; that calls for a longer max_length.
+            if example.get("truncated"):
+                truncated_empty += 1
+            else:
+                empty += 1
             continue
         truncated += bool(example.get("truncated"))
         kept.append(index)
@@ -100,6 +122,7 @@ def encode_records(
         "overlong": overlong,
         "skipped_too_long": skipped,
         "truncated": truncated,
+        "truncated_to_no_answer": truncated_empty,
         "no_trainable_tokens": empty,
         "tokens": sum(len(example["input_ids"]) for example in examples),
         "trained_tokens": sum(trained_counts),
@@ -128,10 +151,11 @@ def log_mask_report(stage_name: str, report: dict) -> None:
     per_example = report["trained_tokens_per_example"]
     log.info(
         "%s mask report: %d of %d records kept (%s), %d tokens, %d trained; trained per example min %d / median %s / max %d; "
-        "%d skipped for max_length=%d, %d truncated, %d without a trainable token; mask from the %s",
+        "%d skipped for max_length=%d, %d truncated, %d truncated to no answer token, %d without a trainable token; "
+        "mask from the %s",
         stage_name, report["examples"], report["records"], report["modes"], report["tokens"], report["trained_tokens"],
         per_example["min"], per_example["median"], per_example["max"], report["skipped_too_long"], report["max_length"],
-        report["truncated"], report["no_trainable_tokens"], report["mask_source"],
+        report["truncated"], report["truncated_to_no_answer"], report["no_trainable_tokens"], report["mask_source"],
     )
     if report["skipped_too_long"] or report["truncated"]:
         log.warning("%s: %d examples exceed max_length=%d (%d skipped, %d truncated); raise sft.max_length to keep them whole",
@@ -140,12 +164,20 @@ def log_mask_report(stage_name: str, report: dict) -> None:
 
 
 def check_trainable(report: dict) -> None:
-    if report["trained_tokens"] == 0:
-        raise ValueError(
-            f"no trainable token in {report['records']} records: {report['skipped_too_long']} exceed "
-            f"max_length={report['max_length']} and {report['no_trainable_tokens']} have an empty assistant mask; "
-            f"raise sft.max_length, set sft.overlong=truncate, or check that the chat template marks the assistant reply"
-        )
+    if report["trained_tokens"] > 0:
+        return
+    fixes = []
+    if report["skipped_too_long"] or report["truncated_to_no_answer"]:
+        fixes.append(f"raise sft.max_length above {report['max_length']}")
+    if report["skipped_too_long"] and report["overlong"] == "skip":
+        fixes.append("set sft.overlong=truncate")
+    if report["no_trainable_tokens"]:
+        fixes.append("check that the records have answers and that the chat template marks the assistant reply")
+    raise ValueError(
+        f"no trainable token in {report['records']} records: {report['skipped_too_long']} exceed "
+        f"max_length={report['max_length']}, {report['truncated_to_no_answer']} lost their whole answer to "
+        f"truncation and {report['no_trainable_tokens']} have an empty assistant mask; {', or '.join(fixes)}"
+    )
 
 
 def source_identity(model_source: str) -> dict:
@@ -273,6 +305,9 @@ def run_sft_stage(
         raise ValueError(f"unknown pacing {pacing!r}; expected one of {PACINGS}")
     scorer = get_scorer(difficulty)
     out_dir = Path(out_dir)
+    if Path(model_source).resolve() == out_dir.resolve():
+        raise ValueError(f"out_dir {out_dir} is the input model's folder; write the stage to another folder")
+    check_output_folder(out_dir, "out_dir")
 
     settings = {
         "mode": mode, "fast_ratio": fast_ratio, "epochs": epochs, "learning_rate": learning_rate,
@@ -281,6 +316,7 @@ def run_sft_stage(
         "initial_competence": initial_competence, "full_competence_at": full_competence_at, "packing": packing,
         "overlong": overlong, "teacher": teacher, "optim": optim,
     }
+    check_stage_settings({**settings, "scoring_batch_size": scoring_batch_size})
     out_dir.mkdir(parents=True, exist_ok=True)
     resuming = prepare_stage_dir(out_dir, stage_fingerprint(model_source, records, settings), resume)
 
@@ -322,7 +358,7 @@ def run_sft_stage(
              stage_name, len(examples), mode, report["tokens"], report["trained_tokens"], steps, difficulty, pacing)
 
     checkpoints = out_dir / "checkpoints"
-    resume_from = get_last_checkpoint(str(checkpoints)) if resuming and checkpoints.is_dir() else None
+    resume_from = last_complete_checkpoint(checkpoints) if resuming else None
     if resume_from:
         log.info("%s: resuming from %s", stage_name, resume_from)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import time
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -64,6 +67,30 @@ def training_arguments(
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
     )
+
+
+# The Trainer writes this file last into each checkpoint, after the model, optimizer and scheduler.
+TRAINER_STATE = "trainer_state.json"
+
+
+def last_complete_checkpoint(folder: Path) -> str | None:
+    """Return the newest checkpoint-N folder in `folder` that the Trainer finished writing, or None.
+
+    A process killed while saving leaves a checkpoint without a readable trainer_state.json. Such
+    folders are removed, with a message, so that resuming takes the previous checkpoint.
+    """
+    if not folder.is_dir():
+        return None
+    numbered = [(int(path.name.split("-")[1]), path) for path in folder.glob("checkpoint-*")
+                if path.is_dir() and path.name.split("-")[1].isdigit()]
+    for _, path in sorted(numbered, reverse=True):
+        try:
+            json.loads((path / TRAINER_STATE).read_text())
+            return str(path)
+        except (OSError, ValueError):
+            log.warning("removing %s: its save was interrupted (no complete %s)", path, TRAINER_STATE)
+            shutil.rmtree(path, ignore_errors=True)
+    return None
 
 
 def pad_batch(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
