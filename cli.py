@@ -481,6 +481,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         logging.getLogger("edgelm").error(_interrupted_message(args))
         return 130
+    except RuntimeError as error:
+        from edgelm.export.atc import AtcError
+        from edgelm.export.parity import ParityError
+
+        if not isinstance(error, (ParityError, AtcError)):
+            raise
+        # A variant that fails its checks, or ATC that fails: the message is the whole story.
+        logging.getLogger("edgelm").error("%s: %s", type(error).__name__, error, exc_info=args.verbose)
+        return 1
     except (ValueError, OSError, ImportError, yaml.YAMLError) as error:
         # Invalid input and missing files or packages: one line, the traceback only with -v.
         # ConfigError and DataError are ValueErrors.

@@ -8,6 +8,7 @@ Relative paths resolve against the current working directory.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -493,6 +494,7 @@ class PipelineConfig:
             if hasattr(value, "validate"):
                 value.validate(f.name)
         _require(bool(self.teacher), "teacher", "must name a model source")
+        _require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32 - 1] (numpy's seed range), got {self.seed}")
         # ATC reads ONNX opsets up to 18, and the Ascend graphs use the export's opset.
         _require(not self.ascend.enabled or self.export.opset <= 18, "export.opset",
                  f"must be <= 18 while ascend.enabled is true (ATC's limit), got {self.export.opset}")
@@ -501,8 +503,13 @@ class PipelineConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, data: Any, key: str):
-    """Build dataclass `cls` from a YAML mapping, checking keys and scalar types."""
+def _build(cls: type, data: Any, key: str, base: Any = None):
+    """Build dataclass `cls` from a YAML mapping, checking keys and scalar types.
+
+    Keys missing from the mapping keep their values in `base`, by default `cls()`. A nested
+    section starts from its default in the enclosing one, so `export.parity.int4` with one key
+    keeps int4's other thresholds rather than those of a bare ParityThresholds.
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{key or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
@@ -510,11 +517,13 @@ def _build(cls: type, data: Any, key: str):
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"{key + '.' if key else ''}{unknown[0]}: unknown key; known keys: {sorted(known)}")
-    values = {name: _convert(hints[name], value, f"{key}.{name}" if key else name) for name, value in data.items()}
-    return cls(**values)
+    base = cls() if base is None else base
+    values = {name: _convert(hints[name], value, f"{key}.{name}" if key else name, getattr(base, name))
+              for name, value in data.items()}
+    return dataclasses.replace(base, **values)
 
 
-def _convert(hint, value, key: str):
+def _convert(hint, value, key: str, default: Any = None):
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(hint)
@@ -523,19 +532,21 @@ def _convert(hint, value, key: str):
         hint = next(option for option in options if option is not type(None))
         origin = typing.get_origin(hint)
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key)
+        return _build(hint, value, key, default if isinstance(default, hint) else None)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_convert(item, element, f"{key}[{index}]") for index, element in enumerate(value)]
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
     if hint is float and isinstance(value, str):
         try:
-            return float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
+            value = float(value)  # YAML 1.1 reads 3e-4 (no dot) as a string
         except ValueError:
             pass
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return float(value)
     if hint in (int, str, bool) and type(value) is hint:
         return value
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -23,13 +23,15 @@ Run folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import yaml
@@ -38,6 +40,9 @@ from edgelm.config import ConfigError, PipelineConfig
 from edgelm.files import read_jsonl, write_json, write_jsonl, write_text
 
 log = logging.getLogger(__name__)
+
+# A file in the run folder that a running pipeline holds an exclusive lock on.
+LOCK_FILE = ".lock"
 
 
 class Run:
@@ -281,7 +286,8 @@ def stage_ascend(run: Run) -> dict:
         samples = greedy_samples(run.path("distill"), variants, run.path("export", "ascend") if config.enabled else None,
                                  run.records("test")[: export_config.sample_prompts], export_config.sample_new_tokens)
         write_samples(run.path("export", SAMPLES_FILE), samples)
-        result["samples"] = {"path": str(run.path("export", SAMPLES_FILE)), "agreement": samples["agreement"]}
+        # Relative to the run folder, where report.md links it, so a copied run folder keeps the link.
+        result["samples"] = {"path": f"export/{SAMPLES_FILE}", "agreement": samples["agreement"]}
     return result
 
 
@@ -430,6 +436,27 @@ def run_pipeline(config: PipelineConfig, start_from: str | None = None, stop_aft
     if start_from and stop_after and names.index(stop_after) < names.index(start_from):
         raise ConfigError(f"--until {stop_after} comes before --from {start_from}; stages run in the order {', '.join(names)}")
     run.dir.mkdir(parents=True, exist_ok=True)
+    with _run_lock(run.dir):
+        return _run_stages(config, run, names, start_from, stop_after)
+
+
+@contextlib.contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder, so that two pipelines never share one."""
+    with open(run_dir / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"run_dir {run_dir} is in use by another edgelm pipeline (it holds {run_dir / LOCK_FILE}); "
+                              f"wait for that run to end, or set another run_dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _run_stages(config: PipelineConfig, run: Run, names: list[str], start_from: str | None,
+                stop_after: str | None) -> dict:
     _check_same_config(run, names, start_from)
     if start_from is not None:
         rerun = names[names.index(start_from) :]

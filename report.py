@@ -108,8 +108,11 @@ def render_report(results: dict) -> str:
                   f"{score.get('tokens', '–')} answer tokens stored at {_fmt(score.get('bytes_per_token'), '.0f')} bytes each."]
 
     if "eval" in stages:
+        # The test file may hold fewer records than eval.records asks for.
+        counts = {info["records"] for info in stages["eval"].values() if isinstance(info, dict) and "records" in info}
+        evaluated = counts.pop() if len(counts) == 1 else results["config"]["eval"]["records"]
         lines += ["", "## Held-out loss and exact-match accuracy", "",
-                  f"GSM8K test, first {results['config']['eval']['records']} questions; loss is mean cross-entropy per "
+                  f"GSM8K test, first {evaluated} questions; loss is mean cross-entropy per "
                   "answer token (end of turn included); accuracy is greedy answer vs reference, exact number match.", ""]
         lines += _eval_table({k: v for k, v in stages["eval"].items() if k not in ("seconds", "work_seconds")})
         lines += _teacher_adaptation(stages["eval"])

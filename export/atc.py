@@ -266,6 +266,11 @@ def run_atc(commands: list[list[str]], cwd: Path, final_dir: Path | None = None,
                 + "\n".join(f"  - {line}" for line in explanations)
                 + f"\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
             )
+        output = next((arg.split("=", 1)[1] for arg in command if arg.startswith("--output=")), None)
+        # ATC names the file <output>.om; some targets add a suffix before ".om".
+        if output is not None and not list((cwd / output).parent.glob(f"{Path(output).name}*.om")):
+            raise AtcError(f"atc exited with status 0 but wrote no {output}.om for {shlex.join(command)}; "
+                           f"check its output:\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}")
     return True
 
 

@@ -17,6 +17,7 @@ Thresholds are set per variant kind under `export.parity.<kind>` in the pipeline
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -172,9 +173,15 @@ def apply_thresholds(result: dict, thresholds: dict, kind: str, key_prefix: str 
 
 def failure_message(result: dict, subject: str) -> str:
     """Build the ParityError text: the numbers, each broken threshold and the keys to relax."""
+    measured = [result.get(key) for key in ("max_logits_diff", "ppl_increase", "candidate_ppl")]
+    if any(isinstance(value, float) and math.isnan(value) for value in measured):
+        advice = ("The variant's logits contain NaN, which no threshold accepts: look for an overflow "
+                  "(fp16 range) or a broken graph.")
+    else:
+        advice = ("If this accuracy is acceptable, relax the named keys in the config (or pass strict=False "
+                  "to keep the output and read parity.json).")
     return (f"{subject} failed its parity check against {result.get('reference', 'the reference')}: "
-            f"{'; '.join(result['failures'])}. Measured: {summarize(result)}. If this accuracy is acceptable, "
-            f"relax the named keys in the config (or pass strict=False to keep the output and read parity.json).")
+            f"{'; '.join(result['failures'])}. Measured: {summarize(result)}. {advice}")
 
 
 def write_parity(folder: Path, result: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -306,6 +307,21 @@ def test_stand_in_atc_rejects_missing_model(tmp_path, monkeypatch):
     commands = atc_commands(PROMPT_LEN, CAPACITY, 2, 2, 16, "Ascend310B1")
     with pytest.raises(AtcError, match="E10001: an ATC option has an invalid value"):
         run_atc(commands, tmp_path)  # no prefill.onnx in tmp_path
+
+
+def test_atc_that_writes_no_om_file_fails(ascend_export, tmp_path, monkeypatch):
+    out, manifest = ascend_export
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "atc").write_text("#!/bin/sh\necho compiled\n")
+    (bin_dir / "atc").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    commands = atc_commands(PROMPT_LEN, CAPACITY, 2, 2, 16, "Ascend310B1")
+    # The shared export may hold .om files from the other stand-in tests.
+    fresh = tmp_path / "export"
+    shutil.copytree(out, fresh, ignore=shutil.ignore_patterns("*.om"))
+    with pytest.raises(AtcError, match="exited with status 0 but wrote no prefill.om"):
+        run_atc(commands, fresh)
 
 
 def test_failing_atc_raises_with_output(ascend_export, tmp_path, monkeypatch):

@@ -152,6 +152,19 @@ def test_quantize_int8_parity_failure_names_int8_weight(monkeypatch, caplog):
     assert "Another scheme: int8-weight keeps activations in fp32" in caplog.text
 
 
+def test_parity_error_is_one_line(monkeypatch, caplog):
+    import edgelm.export.quantize as quantize_module
+    from edgelm.export.parity import ParityError
+
+    def failing(*args, **kwargs):
+        raise ParityError("int8 quantization of in failed its parity check")
+
+    monkeypatch.setattr(quantize_module, "quantize", failing)
+    assert main(["quantize", "--onnx", "in", "--out", "out", "--scheme", "int8"]) == 1
+    assert "ParityError: int8 quantization of in failed" in caplog.text
+    assert "Traceback" not in caplog.text
+
+
 def test_quantize_passes_gptq_options(monkeypatch):
     import edgelm.export.quantize as quantize_module
 

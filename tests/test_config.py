@@ -30,6 +30,9 @@ def test_default_yaml_matches_dataclass_defaults():
     ("export:\n  int4_method: gptq\n", "export.int4_method: gptq writes symmetric int4 only"),
     ("rollout:\n  precision: int8\n", "rollout.precision: must be one of"),
     ("distill:\n  score_precision: fp8\n", "distill.score_precision: must be one of"),
+    ("distill:\n  temperature: .inf\n", "distill.temperature: must be a finite number"),
+    ("sft:\n  stages:\n    - name: a\n      epochs: .nan\n", "sft.stages[0].epochs: must be a finite number"),
+    ("seed: -1\n", "seed: must be in [0, 2**32 - 1]"),
 ])
 def test_invalid_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as error:
@@ -42,6 +45,16 @@ def test_overrides_and_scientific_notation(tmp_path):
     assert config.distill.learning_rate == pytest.approx(3e-4)
     assert config.sft.batch_size == 4
     assert config.student.source == "foo/bar"
+
+
+def test_one_threshold_override_keeps_the_kinds_other_thresholds(tmp_path):
+    config = load_config(write(tmp_path, "export:\n  parity:\n    int4: {max_logits_diff: 40}\n"),
+                         ["export.parity.int8.min_top1_agreement=0.5"])
+    default = PipelineConfig().export.parity
+    assert config.export.parity.int4.max_logits_diff == 40
+    assert config.export.parity.int4.min_top1_agreement == default.int4.min_top1_agreement
+    assert config.export.parity.int8.max_ppl_increase == default.int8.max_ppl_increase
+    assert config.export.parity.int8.min_top1_agreement == 0.5
 
 
 def test_missing_config_file(tmp_path):

@@ -129,6 +129,18 @@ def test_unknown_stage_name_is_rejected(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_second_pipeline_in_one_run_folder_is_refused(tmp_path):
+    import fcntl
+
+    config = load_config(_write(tmp_path, {"run_dir": str(tmp_path / "run")}))
+    (tmp_path / "run").mkdir()
+    with open(tmp_path / "run" / pipeline.LOCK_FILE, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="is in use by another edgelm pipeline"):
+            pipeline.run_pipeline(config)
+    assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [pipeline.LOCK_FILE]
+
+
 def _write(tmp_path, data):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -731,7 +731,8 @@ def test_distill_mixed_and_bf16(student_and_teacher, tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("setting, message", [
     ({"learning_rate": -1.0}, "learning_rate=-1.0 must be positive"), ({"epochs": 0}, "epochs=0 must be positive"),
-    ({"temperature": float("nan")}, "temperature=nan must be positive"),
+    ({"temperature": float("nan")}, "temperature=nan must be a positive finite"),
+    ({"temperature": float("inf")}, "temperature=inf must be a positive finite"),
 ])
 def test_distill_rejects_bad_settings_before_loading(tmp_path, setting, message):
     with pytest.raises(ValueError, match=message):

@@ -14,6 +14,7 @@ process 0 saves the model.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from collections.abc import Iterator
@@ -544,12 +545,15 @@ def distill(
         trainer.train()
         seconds = time.perf_counter() - start
 
-    if trainer.is_world_process_zero():
-        save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out_dir)
-    trainer.accelerator.wait_for_everyone()
     # Each process tracked its own batches; sum them so every process returns the same totals.
     summed = {name: sum(sums[name] for sums in gather_objects(tracker.total)) for name in tracker.total}
     final, total = tracker.last_window, tracker.means(summed)
+    if not math.isfinite(total["loss"]):
+        raise ValueError(f"the distillation loss is {total['loss']}, so the trained weights are not saved to {out_dir}; "
+                         f"lower learning_rate={learning_rate} or check temperature={temperature} and the logit store")
+    if trainer.is_world_process_zero():
+        save_model(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out_dir)
+    trainer.accelerator.wait_for_everyone()
     metrics = {
         "rows": len(examples),
         "dropped_rows": dropped,

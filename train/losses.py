@@ -167,8 +167,8 @@ def check_loss_settings(loss: str, beta: float, temperature: float) -> None:
         raise ValueError(f"loss={loss!r} is not one of {LOSS_NAMES}")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta={beta} must be between 0 (forward KL) and 1 (reverse KL)")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be positive")
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature={temperature} must be a positive finite number")
 
 
 def topk_divergence(
