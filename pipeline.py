@@ -314,12 +314,19 @@ def stage_eval(run: Run) -> dict:
     config = run.config
     records = run.records("test")[: config.eval.records]
     tokenizer = load_tokenizer(str(run.path("distill")))
+    # A cached result is reused only when it was computed with these settings.
+    settings = {"record_ids": [record.get("id", index) for index, record in enumerate(records)],
+                "loss_modes": list(config.eval.loss_modes), "accuracy_modes": list(config.eval.accuracy_modes),
+                "max_length": config.sft.max_length}
     results = {}
     for name, kind, location, _ in eval_targets(run):
         cached = run.path("eval", f"{name}.json")
         if cached.is_file():
-            results[name] = json.loads(cached.read_text())
-            continue
+            result = json.loads(cached.read_text())
+            if result.get("settings") == settings:
+                results[name] = result
+                continue
+            log.info("evaluating %s again: its cached result used other settings", name)
         if kind == "pytorch":
             model, _ = load_model(str(location))
             backend = TorchBackend(model, tokenizer)
@@ -329,6 +336,7 @@ def stage_eval(run: Run) -> dict:
             backend, tokenizer, records, loss_modes=tuple(config.eval.loss_modes),
             accuracy_modes=tuple(config.eval.accuracy_modes), max_length=config.sft.max_length, name=name,
         )
+        results[name]["settings"] = settings
         write_json(cached, results[name])
     return results
 
@@ -371,6 +379,15 @@ def stages(config: PipelineConfig) -> list[tuple[str, Callable[[Run], dict]]]:
 
 def stage_names(config: PipelineConfig) -> list[str]:
     return [name for name, _ in stages(config)]
+
+
+def stage_outputs(run: Run) -> dict[str, Path]:
+    """Return the file or folder that later stages read, for the stages that write one."""
+    outputs = {"data": run.path("data", "test.jsonl"), "student": run.path("student-init"),
+               "rollout": run.path("rollouts.jsonl"), "score": run.path("teacher-topk"),
+               "distill": run.path("distill"), "export": run.path("export", "onnx")}
+    outputs.update({f"sft-{stage.name}": run.path("sft", stage.name) for stage in run.config.sft.stages})
+    return outputs
 
 
 # Outputs that a stage fills incrementally and reuses on resume. `--from` deletes them, so a
@@ -473,7 +490,11 @@ def _run_stages(config: PipelineConfig, run: Run, names: list[str], start_from: 
         _check_tokenizers_early(config)
 
     metrics = {}
+    outputs = stage_outputs(run)
     for name, function in stages(config):
+        if run.is_done(name) and name in outputs and not outputs[name].exists():
+            log.warning("stage %s is marked complete but its output %s is missing; running it again", name, outputs[name])
+            run.marker(name).unlink()
         if run.is_done(name):
             log.info("stage %s: complete, skipped", name)
             metrics[name] = run.metrics(name)

@@ -1,6 +1,7 @@
 """End to end on a tiny teacher: every stage runs, an interrupted run resumes, a finished run skips all."""
 
 import json
+import shutil
 
 import pytest
 import yaml
@@ -100,6 +101,12 @@ def test_pipeline_resumes_after_failure_and_skips_when_done(tiny_config, monkeyp
     for name in ["stage_data", "stage_student", "stage_rollout", "stage_teacher_sft", "stage_score", "stage_distill", "stage_export", "stage_eval"]:
         monkeypatch.setattr(pipeline, name, must_not_run)
     pipeline.run_pipeline(config)
+
+    # A finished stage whose output was deleted runs again.
+    shutil.rmtree(run.path("student-init"))
+    monkeypatch.setattr(pipeline, "stage_student", lambda run: run.path("student-init").mkdir() or {"rebuilt": True})
+    pipeline.run_pipeline(config, stop_after="student")
+    assert run.metrics("student")["rebuilt"] is True
 
 
 def test_student_with_other_tokenizer_fails_before_training(tiny_model_factory, tmp_path):
