@@ -464,7 +464,7 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise ConfigError(f"run_dir {run_dir} is in use by another edgelm pipeline (it holds {run_dir / LOCK_FILE}); "
+            raise ConfigError(f"run_dir {run_dir} is in use by another edgelm pipeline (it has locked {run_dir / LOCK_FILE}); "
                               f"wait for that run to end, or set another run_dir") from None
         try:
             yield

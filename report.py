@@ -108,7 +108,7 @@ def render_report(results: dict) -> str:
                   f"{score.get('tokens', '–')} answer tokens stored at {_fmt(score.get('bytes_per_token'), '.0f')} bytes each."]
 
     if "eval" in stages:
-        # The test file may hold fewer records than eval.records asks for.
+        # The test file may have fewer records than eval.records.
         counts = {info["records"] for info in stages["eval"].values() if isinstance(info, dict) and "records" in info}
         evaluated = counts.pop() if len(counts) == 1 else results["config"]["eval"]["records"]
         lines += ["", "## Held-out loss and exact-match accuracy", "",
