@@ -411,8 +411,8 @@ class AscendConfig:
     """Prompt lengths for ATC --dynamic_dims on the prefill graph; empty compiles the single length max_prompt_len."""
     te_parallel_compiler: int | None = None
     """TE_PARALLEL_COMPILER for atc (parallel kernel compile processes); null leaves it unset."""
-    atc_log: str = "error"
-    """ATC --log level: debug, info, warning, error or null."""
+    atc_log: str | None = "error"
+    """ATC --log level: debug, info, warning, error or null (YAML null and the string both turn it off)."""
 
     def validate(self, key: str) -> None:
         _require(self.max_prompt_len >= 1, f"{key}.max_prompt_len", f"must be >= 1, got {self.max_prompt_len}")
@@ -424,7 +424,7 @@ class AscendConfig:
                  f"every gear must be in [1, max_prompt_len={self.max_prompt_len}], got {self.prefill_gears}")
         _require(self.te_parallel_compiler is None or self.te_parallel_compiler >= 1, f"{key}.te_parallel_compiler",
                  f"must be null or >= 1, got {self.te_parallel_compiler}")
-        _require(self.atc_log in ("debug", "info", "warning", "error", "null"), f"{key}.atc_log",
+        _require(self.atc_log in ("debug", "info", "warning", "error", "null", None), f"{key}.atc_log",
                  f"must be debug, info, warning, error or null, got {self.atc_log!r}")
         try:
             from edgelm.export.atc import SOC_VERSIONS
@@ -580,13 +580,33 @@ def apply_override(data: dict, override: str) -> None:
     target[leaf] = yaml.safe_load(raw)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that rejects a key given twice in one mapping; PyYAML would keep the last one."""
+
+
+def _unique_key_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise ConfigError(f"{key}: given twice in one mapping (line {key_node.start_mark.line + 1}); "
+                              f"keep one, or merge the two blocks")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_key_mapping)
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
     """Read and validate a pipeline config; `overrides` are `dotted.key=value` strings (YAML values)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: invalid YAML: {error}") from None
     if not isinstance(data, dict):

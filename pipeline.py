@@ -254,6 +254,9 @@ def _fused_int4(run: Run, int4_options: dict) -> dict:
         log.info("no fused-int4 variant: %s", error)
         return {"skipped": str(error)}
     options = {key: value for key, value in int4_options.items() if value is not None}
+    # A killed run leaves its temporary fp32 graph behind; the run folder's lock rules out a live one.
+    for stale in run.path("export").glob("fused-fp32-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="fused-fp32-", dir=run.path("export")) as fp32_dir:
         export_fused(run.path("distill"), fp32_dir)
         return quantize_fused(fp32_dir, run.path("export", "fused-int4"), **options)
@@ -269,7 +272,7 @@ def stage_ascend(run: Run) -> dict:
     export_config = run.config.export
     if config.enabled:
         options = AtcOptions(soc_version=config.soc_version, precision_mode_v2=config.precision_mode_v2,
-                             keep_norms_fp32=config.keep_norms_fp32, log_level=config.atc_log,
+                             keep_norms_fp32=config.keep_norms_fp32, log_level=config.atc_log or "null",
                              prefill_gears=tuple(config.prefill_gears),
                              te_parallel_compiler=config.te_parallel_compiler)
         result = export_ascend(

@@ -33,6 +33,7 @@ def test_default_yaml_matches_dataclass_defaults():
     ("distill:\n  temperature: .inf\n", "distill.temperature: must be a finite number"),
     ("sft:\n  stages:\n    - name: a\n      epochs: .nan\n", "sft.stages[0].epochs: must be a finite number"),
     ("seed: -1\n", "seed: must be in [0, 2**32 - 1]"),
+    ("distill:\n  alpha: 0.3\ndistill:\n  beta: 0.1\n", "distill: given twice in one mapping (line 3)"),
 ])
 def test_invalid_values_name_the_key(tmp_path, text, key):
     with pytest.raises(ConfigError) as error:
@@ -55,6 +56,10 @@ def test_one_threshold_override_keeps_the_kinds_other_thresholds(tmp_path):
     assert config.export.parity.int4.min_top1_agreement == default.int4.min_top1_agreement
     assert config.export.parity.int8.max_ppl_increase == default.int8.max_ppl_increase
     assert config.export.parity.int8.min_top1_agreement == 0.5
+
+
+def test_atc_log_accepts_yaml_null(tmp_path):
+    assert load_config(write(tmp_path, "ascend:\n  atc_log: null\n")).ascend.atc_log is None
 
 
 def test_missing_config_file(tmp_path):
