@@ -491,6 +491,8 @@ def _run_stages(config: PipelineConfig, run: Run, names: list[str], start_from: 
 
     if "score" in names and not run.is_done("score"):
         _check_tokenizers_early(config)
+    if "ascend" in names and config.ascend.enabled and not run.is_done("ascend"):
+        _check_ascend_prompt_len_early(config)
 
     metrics = {}
     outputs = stage_outputs(run)
@@ -515,6 +517,18 @@ def _run_stages(config: PipelineConfig, run: Run, names: list[str], start_from: 
         if name == stop_after:
             break
     return metrics
+
+
+def _check_ascend_prompt_len_early(config: PipelineConfig) -> None:
+    """Fail before training when no parity prompt fits the static graphs' ascend.max_prompt_len."""
+    from edgelm.export.onnx_export import parity_prompts
+    from edgelm.train.models import load_tokenizer
+
+    shortest = min(len(prompt) for prompt in parity_prompts(load_tokenizer(config.student.source or config.teacher)))
+    if config.ascend.max_prompt_len < shortest:
+        raise ConfigError(f"ascend.max_prompt_len: {config.ascend.max_prompt_len} is shorter than every parity prompt "
+                          f"(the shortest has {shortest} tokens), so the ascend stage could not check the static graphs; "
+                          f"raise it to {shortest} or more")
 
 
 def _check_tokenizers_early(config: PipelineConfig) -> None:

@@ -148,6 +148,14 @@ def test_second_pipeline_in_one_run_folder_is_refused(tmp_path):
     assert sorted(path.name for path in (tmp_path / "run").iterdir()) == [pipeline.LOCK_FILE]
 
 
+def test_ascend_prompt_length_is_checked_before_training(tiny_model_dir, tmp_path):
+    config = load_config(_write(tmp_path, {"run_dir": str(tmp_path / "run"), "teacher": str(tiny_model_dir),
+                                           "ascend": {"max_prompt_len": 16, "kv_capacity": 64}}))
+    with pytest.raises(ConfigError, match=r"ascend.max_prompt_len: 16 is shorter than every parity prompt"):
+        pipeline.run_pipeline(config)
+    assert not pipeline.Run(config).is_done("data")
+
+
 def _write(tmp_path, data):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
