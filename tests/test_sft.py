@@ -324,6 +324,13 @@ def test_teacher_loss_needs_teacher(tiny_model_dir):
         get_scorer("teacher_loss").score(scoring_context(tiny_model_dir))
 
 
+def test_teacher_loss_checks_the_teachers_position_limit(tiny_model_dir, tiny_model_factory):
+    short_teacher = tiny_model_factory("llama", max_position_embeddings=32)
+    context = scoring_context(tiny_model_dir, teacher=str(short_teacher))
+    with pytest.raises(ValueError, match=r"longer than the teacher's max_position_embeddings=32.*choose another"):
+        get_scorer("teacher_loss").score(context)
+
+
 def test_student_loss_rescored_every_epoch(tiny_model_dir, tmp_path, monkeypatch):
     from edgelm.train import sft
 

@@ -20,6 +20,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from edgelm.train.chat import IGNORE_INDEX, encode_example
+from edgelm.train.preflight import check_sequence_lengths, max_positions
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,11 @@ def score_teacher_loss(context: ScoringContext) -> list[float]:
         encode_example(tokenizer, record, mode, context.max_length, truncate=True)
         for record, mode in zip(context.records, context.modes)
     ]
+    limit = max_positions(teacher)
+    lengths = [(f"record {record.get('id', index)}", len(example["input_ids"]))
+               for index, (record, example) in enumerate(zip(context.records, examples))]
+    check_sequence_lengths(lengths, limit, "teacher",
+                           fix=f"lower sft.max_length to {limit} or less, or choose another difficulty scorer")
     log.info("scoring %d examples with the teacher %s", len(examples), context.teacher)
     scores = per_example_loss(teacher, examples, tokenizer.pad_token_id, context.batch_size)
     del teacher
