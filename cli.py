@@ -477,6 +477,11 @@ def main(argv: list[str] | None = None) -> int:
             from edgelm.files import check_output_folder
 
             check_output_folder(args.out)
+            for flag in ("model", "teacher", "student", "onnx"):
+                source = getattr(args, flag, None)
+                if source and Path(source).resolve() == Path(args.out).resolve():
+                    raise ValueError(f"--out {args.out} is the --{flag} folder, which the output would replace; "
+                                     f"write to another folder")
         return args.func(args)
     except KeyboardInterrupt:
         logging.getLogger("edgelm").error(_interrupted_message(args))

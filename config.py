@@ -7,6 +7,7 @@ Relative paths resolve against the current working directory.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import re
@@ -587,7 +588,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _unique_key_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # "<<: *anchor": construct_mapping merges it, and explicit keys may override it
         key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, collections.abc.Hashable):
+            continue  # construct_mapping reports the unhashable key
         if key in seen:
             raise ConfigError(f"{key}: given twice in one mapping (line {key_node.start_mark.line + 1}); "
                               f"keep one, or merge the two blocks")

@@ -82,8 +82,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-# Files that mark a folder as an edgelm output, or a model folder that save_pretrained wrote.
-OUTPUT_MARKERS = ("config.json", "edgelm_export.json", "sft_state.json", "mask_report.json")
+# Files that mark a folder as an edgelm output. A model folder (config.json beside weights) counts too.
+OUTPUT_MARKERS = ("edgelm_export.json", "sft_state.json", "mask_report.json")
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.gguf")
 
 
 def check_output_folder(path: str | os.PathLike, name: str = "--out") -> None:
@@ -98,7 +99,8 @@ def check_output_folder(path: str | os.PathLike, name: str = "--out") -> None:
     if not path.is_dir():
         return
     entries = sorted(entry.name for entry in path.iterdir())
-    if not entries or set(entries) & set(OUTPUT_MARKERS):
+    is_model = (path / "config.json").is_file() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
+    if not entries or is_model or set(entries) & set(OUTPUT_MARKERS):
         return
     shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
     raise ValueError(f"{name} {path} contains files that edgelm did not write ({shown}); the output replaces the "

@@ -384,12 +384,19 @@ def stage_names(config: PipelineConfig) -> list[str]:
     return [name for name, _ in stages(config)]
 
 
-def stage_outputs(run: Run) -> dict[str, Path]:
-    """Return the file or folder that later stages read, for the stages that write one."""
-    outputs = {"data": run.path("data", "test.jsonl"), "student": run.path("student-init"),
-               "rollout": run.path("rollouts.jsonl"), "score": run.path("teacher-topk"),
-               "distill": run.path("distill"), "export": run.path("export", "onnx")}
-    outputs.update({f"sft-{stage.name}": run.path("sft", stage.name) for stage in run.config.sft.stages})
+def stage_outputs(run: Run) -> dict[str, list[Path]]:
+    """Return the files or folders that later stages read, for the stages that write them."""
+    config = run.config
+    outputs = {"data": [run.path("data", "train.jsonl"), run.path("data", "test.jsonl")],
+               "student": [run.path("student-init")], "rollout": [run.path("rollouts.jsonl")],
+               "score": [run.path("teacher-topk")], "distill": [run.path("distill")],
+               "export": [run.path("export", "onnx")],
+               "quantize": [run.path("export", scheme) for scheme in config.export.quantize]}
+    outputs.update({f"sft-{stage.name}": [run.path("sft", stage.name)] for stage in config.sft.stages})
+    if config.teacher_sft.enabled:
+        outputs["teacher-sft"] = [run.path("teacher-sft")]
+    if config.ascend.enabled:
+        outputs["ascend"] = [run.path("export", "ascend")]
     return outputs
 
 
@@ -477,6 +484,9 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
 
 def _run_stages(config: PipelineConfig, run: Run, names: list[str], start_from: str | None,
                 stop_after: str | None) -> dict:
+    # Checks of the config itself come before _check_same_config saves it as the run's config.
+    if "ascend" in names and config.ascend.enabled and not run.is_done("ascend"):
+        _check_ascend_prompt_len_early(config)
     _check_same_config(run, names, start_from)
     if start_from is not None:
         rerun = names[names.index(start_from) :]
@@ -491,14 +501,13 @@ def _run_stages(config: PipelineConfig, run: Run, names: list[str], start_from: 
 
     if "score" in names and not run.is_done("score"):
         _check_tokenizers_early(config)
-    if "ascend" in names and config.ascend.enabled and not run.is_done("ascend"):
-        _check_ascend_prompt_len_early(config)
 
     metrics = {}
     outputs = stage_outputs(run)
     for name, function in stages(config):
-        if run.is_done(name) and name in outputs and not outputs[name].exists():
-            log.warning("stage %s is marked complete but its output %s is missing; running it again", name, outputs[name])
+        missing = [path for path in outputs.get(name, []) if not path.exists()]
+        if run.is_done(name) and missing and "skipped" not in run.metrics(name):
+            log.warning("stage %s is marked complete but its output %s is missing; running it again", name, missing[0])
             run.marker(name).unlink()
         if run.is_done(name):
             log.info("stage %s: complete, skipped", name)

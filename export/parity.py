@@ -178,8 +178,8 @@ def failure_message(result: dict, subject: str) -> str:
         advice = ("The variant's logits contain NaN, which no threshold accepts: look for an overflow "
                   "(fp16 range) or a broken graph.")
     else:
-        advice = ("If this accuracy is acceptable, relax the named keys in the config (or pass strict=False "
-                  "to keep the output and read parity.json).")
+        advice = ("If this accuracy is acceptable, relax the named keys in the config (from Python, strict=False "
+                  "keeps the output and its parity.json).")
     return (f"{subject} failed its parity check against {result.get('reference', 'the reference')}: "
             f"{'; '.join(result['failures'])}. Measured: {summarize(result)}. {advice}")
 

@@ -165,6 +165,21 @@ def test_parity_error_is_one_line(monkeypatch, caplog):
     assert "Traceback" not in caplog.text
 
 
+def test_out_folder_must_not_be_the_input(tmp_path, caplog):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert main(["export", "--model", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "is the --model folder" in caplog.text
+    assert (tmp_path / "model.safetensors").is_file()
+
+
+def test_config_json_alone_does_not_make_a_model_folder(tmp_path, caplog):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["student", "--teacher", "t", "--out", str(tmp_path)]) == 2
+    assert "contains files that edgelm did not write" in caplog.text
+
+
 def test_quantize_passes_gptq_options(monkeypatch):
     import edgelm.export.quantize as quantize_module
 

@@ -58,6 +58,12 @@ def test_one_threshold_override_keeps_the_kinds_other_thresholds(tmp_path):
     assert config.export.parity.int8.min_top1_agreement == 0.5
 
 
+def test_yaml_merge_keys_still_work(tmp_path):
+    text = "sft:\n  stages:\n    - &first {name: a, mode: reasoning, epochs: 2}\n    - {<<: *first, name: b}\n"
+    stages = load_config(write(tmp_path, text)).sft.stages
+    assert [(stage.name, stage.epochs) for stage in stages] == [("a", 2.0), ("b", 2.0)]
+
+
 def test_atc_log_accepts_yaml_null(tmp_path):
     assert load_config(write(tmp_path, "ascend:\n  atc_log: null\n")).ascend.atc_log is None
 

@@ -118,7 +118,7 @@ def test_record_modes_mixed_is_seeded():
 
 
 def test_sft_stage_without_trainable_tokens_fails(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="no trainable token in 4 records: 4 exceed max_length=16"):
+    with pytest.raises(ValueError, match="no trainable token in 4 records: 4 skipped for exceeding max_length=16"):
         run_sft_stage(str(tiny_model_dir), make_records(4), tmp_path / "sft", mode="fast", max_length=16)
     report = json.loads((tmp_path / "sft" / "mask_report.json").read_text())
     assert report["skipped_too_long"] == 4

@@ -487,10 +487,10 @@ def distill(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha={alpha} must be between 0 and 1 (the weight of the cross-entropy term)")
     check_loss_settings(loss, beta, temperature)
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate={learning_rate} must be positive")
-    if not epochs > 0 and max_steps <= 0:
-        raise ValueError(f"epochs={epochs} must be positive (or set max_steps)")
+    if not 0 < learning_rate < math.inf:
+        raise ValueError(f"learning_rate={learning_rate} must be positive and finite")
+    if not 0 < epochs < math.inf and max_steps <= 0:
+        raise ValueError(f"epochs={epochs} must be positive and finite (or set max_steps)")
     if targets == "mixed" and not 0.0 < label_fraction < 1.0:
         raise ValueError(f"label_fraction={label_fraction} must be between 0 and 1 (exclusive) for targets 'mixed'")
     precision_args = _precision_args(precision)

@@ -64,7 +64,7 @@ def check_stage_settings(settings: dict) -> None:
     for name, (in_range, text) in SFT_RANGES.items():
         value = settings[name]
         try:
-            valid = in_range(value)
+            valid = math.isfinite(value) and in_range(value)
         except TypeError:
             valid = False
         if not valid:
@@ -157,10 +157,11 @@ def log_mask_report(stage_name: str, report: dict) -> None:
         per_example["min"], per_example["median"], per_example["max"], report["skipped_too_long"], report["max_length"],
         report["truncated"], report["truncated_to_no_answer"], report["no_trainable_tokens"], report["mask_source"],
     )
-    if report["skipped_too_long"] or report["truncated"]:
-        log.warning("%s: %d examples exceed max_length=%d (%d skipped, %d truncated); raise sft.max_length to keep them whole",
-                    stage_name, report["skipped_too_long"] + report["truncated"], report["max_length"],
-                    report["skipped_too_long"], report["truncated"])
+    over = report["skipped_too_long"] + report["truncated"] + report["truncated_to_no_answer"]
+    if over:
+        log.warning("%s: %d examples exceed max_length=%d (%d skipped, %d truncated, %d truncated to no answer token); "
+                    "raise sft.max_length to keep them whole", stage_name, over, report["max_length"],
+                    report["skipped_too_long"], report["truncated"], report["truncated_to_no_answer"])
 
 
 def check_trainable(report: dict) -> None:
@@ -174,7 +175,7 @@ def check_trainable(report: dict) -> None:
     if report["no_trainable_tokens"]:
         fixes.append("check that the records have answers and that the chat template marks the assistant reply")
     raise ValueError(
-        f"no trainable token in {report['records']} records: {report['skipped_too_long']} exceed "
+        f"no trainable token in {report['records']} records: {report['skipped_too_long']} skipped for exceeding "
         f"max_length={report['max_length']}, {report['truncated_to_no_answer']} lost their whole answer to "
         f"truncation and {report['no_trainable_tokens']} have an empty assistant mask; {', or '.join(fixes)}"
     )
