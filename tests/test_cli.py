@@ -173,7 +173,7 @@ def test_out_folder_must_not_be_the_input(tmp_path, caplog):
     assert (tmp_path / "model.safetensors").is_file()
 
 
-def test_config_json_alone_does_not_make_a_model_folder(tmp_path, caplog):
+def test_out_folder_with_only_config_json(tmp_path, caplog):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
     assert main(["student", "--teacher", "t", "--out", str(tmp_path)]) == 2
