@@ -102,8 +102,8 @@ def check_output_folder(path: str | os.PathLike, name: str = "--out") -> None:
     is_model = (path / "config.json").is_file() and any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS)
     if not entries or is_model or set(entries) & set(OUTPUT_MARKERS):
         return
-    shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
-    raise ValueError(f"{name} {path} contains files that edgelm did not write ({shown}); the output replaces the "
+    listed = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+    raise ValueError(f"{name} {path} contains files that edgelm did not write ({listed}); the output replaces the "
                      f"whole folder, so give a new or empty folder")
 
 

@@ -154,7 +154,7 @@ def test_ascend_prompt_length_is_checked_before_training(tiny_model_dir, tmp_pat
     with pytest.raises(ConfigError, match=r"ascend.max_prompt_len: 16 is shorter than every parity prompt"):
         pipeline.run_pipeline(config)
     assert not pipeline.Run(config).is_done("data")
-    # The rejected value is not saved as the run's config, so a corrected rerun is not told it changed.
+    # The rejected value is not saved as the run's config, so a corrected rerun is not reported as a change.
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
