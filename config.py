@@ -582,7 +582,7 @@ def apply_override(data: dict, override: str) -> None:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A SafeLoader that rejects a key given twice in one mapping; PyYAML would keep the last one."""
+    """A SafeLoader that rejects a key given twice in one mapping (PyYAML would keep the last one)."""
 
 
 def _unique_key_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict:

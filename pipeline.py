@@ -41,7 +41,7 @@ from edgelm.files import read_jsonl, write_json, write_jsonl, write_text
 
 log = logging.getLogger(__name__)
 
-# A file in the run folder that a running pipeline holds an exclusive lock on.
+# A file in the run folder that a running pipeline locks exclusively.
 LOCK_FILE = ".lock"
 
 
@@ -254,7 +254,7 @@ def _fused_int4(run: Run, int4_options: dict) -> dict:
         log.info("no fused-int4 variant: %s", error)
         return {"skipped": str(error)}
     options = {key: value for key, value in int4_options.items() if value is not None}
-    # A killed run leaves its temporary fp32 graph behind; the run folder's lock rules out a live one.
+    # A killed run leaves its temporary fp32 graph behind. The run folder's lock rules out a live one.
     for stale in run.path("export").glob("fused-fp32-*"):
         shutil.rmtree(stale, ignore_errors=True)
     with tempfile.TemporaryDirectory(prefix="fused-fp32-", dir=run.path("export")) as fp32_dir:

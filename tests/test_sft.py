@@ -66,7 +66,7 @@ def test_encode_records_mask_report(tiny_model_dir):
     assert report["examples"] == 0
 
 
-def test_steps_scorer_names_a_record_without_difficulty():
+def test_steps_scorer_missing_difficulty():
     records = make_records(3)
     del records[1]["difficulty"]
     context = ScoringContext(records=records, examples=[], modes=[], tokenizer=None, max_length=64, model=None)
@@ -80,13 +80,13 @@ def test_steps_scorer_names_a_record_without_difficulty():
     ({"grad_accum": 0}, "grad_accum=0 must be >= 1"),
     ({"initial_competence": -3}, "initial_competence=-3 must be in"),
 ])
-def test_sft_stage_rejects_settings_before_loading(tmp_path, settings, message):
+def test_sft_stage_invalid_settings(tmp_path, settings, message):
     with pytest.raises(ValueError, match=message):
         run_sft_stage("no-such-model", make_records(2), tmp_path / "sft", mode="fast", **settings)
     assert not (tmp_path / "sft").exists()
 
 
-def test_sft_stage_refuses_a_folder_of_other_files(tiny_model_dir, tmp_path):
+def test_sft_stage_foreign_out_folder(tiny_model_dir, tmp_path):
     (tmp_path / "records.jsonl").write_text("{}\n")
     with pytest.raises(ValueError, match="contains files that edgelm did not write"):
         run_sft_stage(str(tiny_model_dir), make_records(2), tmp_path, mode="fast")
@@ -95,7 +95,7 @@ def test_sft_stage_refuses_a_folder_of_other_files(tiny_model_dir, tmp_path):
     assert (tmp_path / "records.jsonl").is_file()
 
 
-def test_resume_skips_a_checkpoint_whose_save_was_killed(tmp_path):
+def test_resume_skips_broken_checkpoint(tmp_path):
     for step, state in ((5, "{}"), (10, None), (15, '{"global_step"')):
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
@@ -324,7 +324,7 @@ def test_teacher_loss_needs_teacher(tiny_model_dir):
         get_scorer("teacher_loss").score(scoring_context(tiny_model_dir))
 
 
-def test_teacher_loss_checks_the_teachers_position_limit(tiny_model_dir, tiny_model_factory):
+def test_teacher_loss_position_limit(tiny_model_dir, tiny_model_factory):
     short_teacher = tiny_model_factory("llama", max_position_embeddings=32)
     context = scoring_context(tiny_model_dir, teacher=str(short_teacher))
     with pytest.raises(ValueError, match=r"longer than the teacher's max_position_embeddings=32.*choose another"):

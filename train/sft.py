@@ -102,7 +102,7 @@ def encode_records(
         # The first token has no logits before it, so it can never be trained.
         trained = sum(label != IGNORE_INDEX for label in example["labels"][1:])
         if trained == 0:
-            # Truncation can cut away the whole answer; that calls for a longer max_length.
+            # Truncation can cut away the whole answer, which calls for a longer max_length.
             if example.get("truncated"):
                 truncated_empty += 1
             else:
